@@ -1,0 +1,1 @@
+"""Readers that turn each dataset layout into a `RawDataset` (then a manifest)."""

@@ -1,0 +1,51 @@
+"""Helpers for tests that drive real command-line tools (git, dvc, iagn) in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "iagn tests",
+    "GIT_AUTHOR_EMAIL": "tests@iagn.invalid",
+    "GIT_COMMITTER_NAME": "iagn tests",
+    "GIT_COMMITTER_EMAIL": "tests@iagn.invalid",
+}
+
+
+def run(args: list, cwd: Path, env: dict | None = None, check: bool = True):
+    """Run a command, returning the CompletedProcess; on failure show its output."""
+    full_env = {**os.environ, **GIT_IDENTITY, **(env or {})}
+    result = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, check=False
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, args))} failed ({result.returncode}):\n"
+            f"{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def dvc(*args, cwd: Path, env: dict | None = None, check: bool = True):
+    return run([BIN / "dvc", *args], cwd=cwd, env=env, check=check)
+
+
+def iagn(*args, cwd: Path, env: dict | None = None, check: bool = True):
+    return run([BIN / "iagn", *args], cwd=cwd, env=env, check=check)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
