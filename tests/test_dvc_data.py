@@ -37,6 +37,9 @@ def test_data_dvc_tracks_the_regenerated_default_dataset(project_clone: Path, tm
         "--quiet",
         cwd=project_clone,
     )
+    # Adding the regenerated folder must leave the committed data.dvc exactly as it was.
+    dvc("add", "--quiet", "data", cwd=project_clone)
+    assert run(["git", "status", "--porcelain"], cwd=project_clone).stdout == ""
     assert UP_TO_DATE in dvc("status", "data.dvc", cwd=project_clone).stdout
 
     # The default local remote (ignored by git) works offline: push, then pull elsewhere.
@@ -106,7 +109,7 @@ def test_s3_remote_push_and_pull_into_a_fresh_clone(s3_server, tiny_synth: Path,
     dvc("push", cwd=origin)
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="iagn-data").get("Contents", [])]
-    assert len(keys) == 24 + 7 + 1  # images, annotation files, the directory listing
+    assert len(keys) == 24 + 6 + 1  # images, annotation files, the directory listing
     assert all(k.startswith("dvc/files/md5/") for k in keys)
 
     fresh = tmp_path / "fresh"

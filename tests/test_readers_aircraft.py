@@ -171,7 +171,7 @@ def test_box_outside_image_names_the_box_file(tmp_path):
     root = make_aircraft(tmp_path / "fgvc-aircraft-2013b")
     box_file = root / "data" / "images_box.txt"
     lines = box_file.read_text().splitlines()
-    lines[1] = "0034309 1 1 49 20"  # the image is 48 wide
+    lines[1] = "0034309 1 1 55 20"  # the image is 48 wide
     box_file.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"images_box\.txt, line 2:"):
         formats.load_manifest(root)
