@@ -1,0 +1,1 @@
+"""Subcommands of `iagn`: one module per command, each with a `register(subparsers)`."""
