@@ -34,6 +34,8 @@ data: setup  ## fetch the default dataset with DVC, or regenerate it (determinis
 
 demo: data  ## the main job end to end on the embedded defaults
 	$(BIN)/iagn data manifest --root data/synth --out build/manifest.csv
+	$(BIN)/iagn validate --data data/synth --params params.yaml --out build/validate
+	@echo "data validation: build/validate/summary.md; HTML Data Docs: build/validate/data_docs/index.html"
 	@echo "dataset: data/synth (tracked by data.dvc, pushed to the local DVC remote .dvcstore/)"
 
 test: setup  ## run the test suite
@@ -47,8 +49,10 @@ format: setup  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+BENCHES := bench.validate_throughput bench.train_throughput bench.quality
+
 bench: setup  ## run the benchmarks; results land in bench/results/
-	@for script in bench/*.py; do [ -e "$$script" ] || continue; echo "== $$script"; $(BIN)/python "$$script" || exit 1; done
+	@for bench in $(BENCHES); do echo "== $$bench"; $(BIN)/python -m $$bench || exit 1; done
 
 image:  ## build the component image with docker, podman or buildah (whichever exists)
 	@bash scripts/build_image.sh

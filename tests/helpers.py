@@ -17,11 +17,17 @@ GIT_IDENTITY = {
 }
 
 
-def run(args: list, cwd: Path, env: dict | None = None, check: bool = True):
+def run(args: list, cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 300):
     """Run a command, returning the CompletedProcess; on failure show its output."""
     full_env = {**os.environ, **GIT_IDENTITY, **(env or {})}
     result = subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, check=False
+        [str(a) for a in args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,3 +37,8 @@ def add_params_argument(parser: argparse.ArgumentParser, required: bool = True) 
         required=required,
         help="the project's params.yaml (hyperparameters grouped by step)",
     )
+
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun launch: only rank 0 reports."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -86,8 +86,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="take defaults from the data.synth section of this params.yaml",
     )
     synth.add_argument("--classes", type=int, help="number of classes (default 10)")
-    synth.add_argument("--images-per-class", type=int, help="images per class (default 40)")
-    synth.add_argument("--size", type=int, help="image height in pixels (default 128)")
+    synth.add_argument("--images-per-class", type=int, help="images per class (default 120)")
+    synth.add_argument("--size", type=int, help="image height in pixels (default 64)")
     synth.add_argument("--seed", type=int, help="random seed (default 0)")
     synth.add_argument(
         "--train-fraction",

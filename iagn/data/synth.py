@@ -53,8 +53,8 @@ class PatternClass:
 @dataclass(frozen=True)
 class SynthConfig:
     classes: int = 10
-    images_per_class: int = 40
-    size: int = 128
+    images_per_class: int = 120
+    size: int = 64
     seed: int = 0
     train_fraction: float = 0.5
 
@@ -125,6 +125,16 @@ def _random_color(rng: np.random.Generator, low: int = 30, high: int = 230) -> t
     return tuple(int(c) for c in rng.integers(low, high, size=3))
 
 
+def _dark_and_light(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The pattern's two colours: a dark and a light shade with a random tint, from the same
+    distribution for every class (so colour says nothing about the class), with enough
+    contrast that the geometry is visible even at small image sizes."""
+    tint = rng.integers(-25, 26, size=3)
+    dark = np.clip(rng.integers(10, 60) + tint, 0, 255)
+    light = np.clip(rng.integers(200, 250) + tint, 0, 255)
+    return dark, light
+
+
 def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int, h: int) -> None:
     for _ in range(int(rng.integers(12, 24))):
         kind = rng.integers(0, 3)
@@ -152,9 +162,9 @@ def render_image(
     draw = ImageDraw.Draw(image)
 
     # Body: an ellipse; head on the facing side, tail on the other. Sizes relative to height.
-    body_w = rng.uniform(0.36, 0.50) * height
+    body_w = rng.uniform(0.42, 0.56) * height
     body_h = body_w * rng.uniform(0.55, 0.75)
-    head_r = body_h * rng.uniform(0.25, 0.32)
+    head_r = body_h * rng.uniform(0.22, 0.28)
     tail_len = body_w * rng.uniform(0.22, 0.32)
     facing = 1 if rng.random() < 0.5 else -1
     # Extents from the body centre towards the head (beak tip) and towards the tail tip.
@@ -197,7 +207,7 @@ def render_image(
     object_box = (x0, y0, x1 - x0, y1 - y0)
 
     # The discriminative part: a round patterned patch somewhere on the body.
-    diameter = body_h * rng.uniform(0.55, 0.8)
+    diameter = body_h * rng.uniform(0.62, 0.85)
     reach_x = body_w / 2 - diameter / 2
     reach_y = body_h / 2 - diameter / 2
     # Stay inside the ellipse: sample a point in the inner ellipse of radii reach_x, reach_y.
@@ -208,7 +218,7 @@ def render_image(
     pixels = max(4, int(round(diameter)))
     left, top = int(round(px - pixels / 2)), int(round(py - pixels / 2))
     mask = _pattern_mask(cls, pixels * SUPERSAMPLE, rng.random())
-    color_a, color_b = np.array(_random_color(rng)), np.array(_random_color(rng))
+    color_a, color_b = _dark_and_light(rng)
     patch = np.where(mask[..., None], color_a, color_b).astype(np.uint8)
     patch_image = Image.fromarray(patch).resize((pixels, pixels), Image.Resampling.BOX)
     disc = Image.new("L", (pixels * SUPERSAMPLE,) * 2, 0)

@@ -1,0 +1,54 @@
+"""Shared set-up for the benchmarks: machine description, data, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from iagn.data.synth import SynthConfig, generate
+from iagn.io import write_text_atomic
+from iagn.params import load_params
+from iagn.train.precision import cpu_has_native_bf16, cpu_model
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+CACHE = Path(os.environ.get("IAGN_BENCH_CACHE", "/tmp/iagn-bench"))
+
+
+def machine() -> dict:
+    info = {
+        "cpu": cpu_model(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def demo_params() -> dict:
+    return load_params(REPO / "params.yaml")
+
+
+def synthetic_dataset(params: dict) -> Path:
+    """The demo's synthetic dataset (params data.synth), generated once into the cache."""
+    settings = params["data"]["synth"]
+    name = "synth-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items()))
+    root = CACHE / name
+    if not (root / "images.txt").is_file():
+        generate(root, SynthConfig(**settings), workers=os.cpu_count() or 1)
+    return root
+
+
+def write_results(name: str, markdown: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(RESULTS / f"{name}.json", json.dumps(data, indent=2) + "\n")
+    path = write_text_atomic(RESULTS / f"{name}.md", markdown)
+    print(markdown)
+    return path

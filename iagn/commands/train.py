@@ -1,0 +1,62 @@
+"""`iagn train-stage`: train one progressive IAGN stage."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from iagn.commands.common import add_data_arguments, add_params_argument, is_main_process
+
+
+def cmd_train_stage(args: argparse.Namespace) -> int:
+    from iagn.params import load_params
+    from iagn.steps import train_stage
+
+    params = load_params(args.params)
+    if args.format:
+        params["data"]["format"] = args.format
+    result = train_stage.run(
+        stage=args.stage,
+        data=args.data,
+        params=params,
+        out=args.out,
+        init=args.init,
+        device=args.device,
+        quiet=args.quiet,
+    )
+    metrics = result["metrics"]
+    if not is_main_process():
+        return 0
+    print(
+        f"stage {args.stage} done: val accuracy {metrics.get('val_acc', float('nan')):.3f} "
+        f"(fused {metrics.get('val_acc_fused', float('nan')):.3f}); "
+        f"checkpoint {result['checkpoint']}"
+    )
+    return 0
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train-stage",
+        help="train one progressive stage of the IAGN teacher",
+        description="Stage s trains heads 1..s on jigsaw views (granularities from "
+        "model.jigsaw) plus the fused head on whole images and attention crops, with "
+        "stage-wise distillation. Resumes automatically from --out if a run was interrupted.",
+    )
+    parser.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
+    parser.add_argument(
+        "--data", type=Path, default=None, help="dataset folder (default: params data.root)"
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--init", type=Path, help="checkpoint of the previous stage")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    add_params_argument(parser, required=False)
+    add_device_arguments(parser)
+    parser.set_defaults(handler=cmd_train_stage)

@@ -1,0 +1,1 @@
+"""Evaluation: predictions with explanations, metrics, localization, speed, plots."""

@@ -1,0 +1,140 @@
+"""Plots people look at: confusion matrix, reliability diagram, attention gallery, curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from iagn.io import atomic_path
+
+
+def _save(figure, out: Path) -> Path:
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return out
+
+
+def confusion_plot(confusion: torch.Tensor, class_names: list[str], out: Path) -> Path:
+    classes = len(class_names)
+    size = min(16, 3 + classes * 0.35)
+    figure, axes = plt.subplots(figsize=(size, size))
+    normalized = confusion.float() / confusion.sum(dim=1, keepdim=True).clamp_min(1)
+    image = axes.imshow(normalized.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if classes <= 40:
+        axes.set_xticks(range(classes), class_names, rotation=90, fontsize=7)
+        axes.set_yticks(range(classes), class_names, fontsize=7)
+        if classes <= 20:
+            for i in range(classes):
+                for j in range(classes):
+                    if confusion[i, j]:
+                        axes.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=6)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title("Confusion matrix (rows normalized)")
+    figure.colorbar(image, ax=axes, fraction=0.046)
+    return _save(figure, out)
+
+
+def reliability_plot(table: list[dict], ece: float, out: Path) -> Path:
+    figure, axes = plt.subplots(figsize=(4.5, 4.5))
+    centers = [(row["low"] + row["high"]) / 2 for row in table]
+    accuracy = [row["accuracy"] if row["count"] else 0.0 for row in table]
+    width = table[0]["high"] - table[0]["low"]
+    axes.bar(centers, accuracy, width=width * 0.95, color="tab:blue", label="accuracy")
+    axes.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    axes.set_xlabel("confidence")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"Reliability (ECE {ece:.3f})")
+    axes.legend(loc="upper left")
+    return _save(figure, out)
+
+
+def denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
+    """[3, H, W] normalized tensor -> [H, W, 3] floats in [0, 1]."""
+    pixels = image.float().cpu() * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(
+        3, 1, 1
+    )
+    return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _draw_box(axes, box, color: str, label: str | None = None) -> None:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    axes.add_patch(
+        plt.Rectangle(
+            (x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=1.5, label=label
+        )
+    )
+
+
+def attention_gallery(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    predicted_boxes: torch.Tensor,
+    true_boxes: torch.Tensor,
+    titles: list[str],
+    mean,
+    std,
+    out: Path,
+) -> Path:
+    """One row per image: the image with true (green) and predicted (red) boxes, the map."""
+    count = images.shape[0]
+    figure, axes = plt.subplots(count, 2, figsize=(5, 2.4 * count), squeeze=False)
+    for row in range(count):
+        pixels = denormalize(images[row], mean, std)
+        height, width = pixels.shape[:2]
+        heat = torch.nn.functional.interpolate(
+            maps[row][None, None].float(),
+            size=(height, width),
+            mode="bilinear",
+            align_corners=False,
+        )[0, 0].numpy()
+        left, right = axes[row]
+        left.imshow(pixels)
+        _draw_box(left, true_boxes[row], "lime", "true part" if row == 0 else None)
+        _draw_box(left, predicted_boxes[row], "red", "attention box" if row == 0 else None)
+        left.set_title(titles[row], fontsize=7)
+        right.imshow(pixels)
+        right.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        right.set_title("attention", fontsize=7)
+        for axis in (left, right):
+            axis.axis("off")
+    if count:
+        axes[0][0].legend(loc="lower left", fontsize=6)
+    figure.tight_layout()
+    return _save(figure, out)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, box, title: str, out: Path) -> Path:
+    """A single explanation: image, heatmap overlay, box, title."""
+    figure, axes = plt.subplots(figsize=(5, 5 * image.shape[0] / image.shape[1]))
+    axes.imshow(image)
+    axes.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    _draw_box(axes, box, "white")
+    axes.set_title(title, fontsize=9)
+    axes.axis("off")
+    return _save(figure, out)
+
+
+def training_curves(history: list[dict], out: Path, title: str) -> Path:
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axes, acc_axes) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for key in sorted({k for row in history for k in row if k.startswith("loss")}):
+        loss_axes.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=key)
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_title("training loss")
+    loss_axes.legend(fontsize=7)
+    for key in sorted({k for row in history for k in row if k.startswith("val_acc_")}):
+        acc_axes.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=key)
+    acc_axes.set_xlabel("epoch")
+    acc_axes.set_title("validation accuracy")
+    acc_axes.legend(fontsize=7)
+    figure.suptitle(title)
+    return _save(figure, out)

@@ -1,0 +1,81 @@
+"""A plain single-head ResNet trained with cross-entropy: the yardstick IAGN must beat.
+
+Same backbone, data, preprocessing, optimizer and schedule as the teacher; no jigsaw, no
+attention, no distillation. Used by bench/quality.py; its checkpoint is a "student" kind,
+so `iagn evaluate` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch.nn.functional as F
+
+from iagn.models.student import Student, StudentConfig
+from iagn.train.config import data_config, resolve_data_dir, stage_config
+from iagn.train.data import prepare_data
+from iagn.train.distributed import init_runtime
+from iagn.train.evaluation import accuracy_on
+from iagn.train.loop import LoopSpec, run_loop, seed_everything
+from iagn.train.precision import resolve_precision
+
+
+def run(
+    data: str | Path | None, params: dict, out: str | Path, epochs: int, quiet: bool = False
+) -> dict[str, Any]:
+    runtime = init_runtime("auto")
+    config = stage_config(params, 3)  # the teacher's shared hyperparameters
+    data_cfg = data_config(params)
+    prepared = prepare_data(resolve_data_dir(data, data_cfg), data_cfg)
+    precision = resolve_precision(config.precision, runtime.device)
+    model_cfg = StudentConfig(
+        backbone=params["model"]["backbone"],
+        num_classes=prepared.num_classes,
+        weights=params["model"]["weights"],
+        class_names=prepared.class_names,
+    )
+    seed_everything(config.seed)
+    model = Student(model_cfg)
+
+    def step_fn(wrapped, batch, generator):
+        loss = F.cross_entropy(wrapped(batch["image"]).float(), batch["label"])
+        return loss, {"loss": float(loss.detach())}
+
+    spec = LoopSpec(
+        model=model,
+        param_groups=[
+            {"params": list(model.features.parameters()), "lr": config.lr_backbone},
+            {"params": list(model.classifier.parameters()), "lr": config.lr_head},
+        ],
+        epochs=epochs,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        grad_clip=config.grad_clip,
+        precision=precision,
+        channels_last=config.channels_last,
+        seed=config.seed,
+        step_fn=step_fn,
+        validate_fn=lambda trained: accuracy_on(
+            trained,
+            prepared.loader("val", False, config.batch_size * 2),
+            runtime.device,
+            precision,
+            prefix="val_",
+        ),
+        make_loader=lambda epoch: prepared.loader(
+            "train", True, config.batch_size, config.seed, epoch
+        ),
+        payload=lambda: {
+            "kind": "student",
+            "stage": None,
+            "model_config": model_cfg.to_dict(),
+            "train_config": {**asdict(config), "epochs": epochs, "baseline": True},
+            "data": prepared.identity(),
+        },
+        description="baseline",
+    )
+    result = run_loop(spec, Path(out), runtime, quiet=quiet)
+    return {"checkpoint": Path(out), "history": result["history"]}

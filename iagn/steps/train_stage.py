@@ -1,0 +1,155 @@
+"""Step `train-stage`: progressive training of one IAGN stage.
+
+Stage s starts from stage s-1's checkpoint (`init`; without one, from the backbone weights
+in params.yaml: stage 3 alone is then the full multi-granularity step from scratch),
+trains heads 1..s on jigsaw views of granularity n_1..n_s plus the fused head on whole
+images and attention crops, with stage-wise distillation from the fused head (see
+iagn/train/stage_step.py), and writes a checkpoint after every epoch.
+
+Parameters that train: the whole backbone at `lr_backbone`, all stage blocks, the active
+heads and the fused head at `lr_head` (heads of later stages receive no loss yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from iagn.errors import IagnError
+from iagn.models.iagn import IAGN, ModelConfig
+from iagn.train.checkpoint import check_compatible, load_checkpoint
+from iagn.train.config import (
+    data_config,
+    model_config,
+    resolve_data_dir,
+    stage_config,
+)
+from iagn.train.data import PreparedData, prepare_data
+from iagn.train.distributed import Runtime, init_runtime
+from iagn.train.evaluation import accuracy_on
+from iagn.train.loop import LoopSpec, run_loop, seed_everything
+from iagn.train.precision import resolve_precision
+from iagn.train.stage_step import stage_step
+
+
+def _check_image_size(crop: int, jigsaw_sizes: tuple[int, ...]) -> None:
+    finest = max(jigsaw_sizes)
+    if crop < finest * 4:
+        raise IagnError(
+            f"crop size {crop} px is too small for a {finest}x{finest} jigsaw (patches of "
+            f"{crop // finest} px); use data.crop >= {finest * 4} or a coarser model.jigsaw"
+        )
+
+
+def build_model(
+    params: dict, data: PreparedData, init: Path | None, stage: int
+) -> tuple[IAGN, ModelConfig]:
+    config = model_config(params, data.num_classes, data.class_names)
+    _check_image_size(data.config.crop, config.jigsaw)
+    if init is not None:
+        previous = load_checkpoint(init, kind="teacher")
+        check_compatible(previous, config.backbone, data.num_classes, init)
+        if previous["data"]["digest"] != data.digest:
+            raise IagnError(
+                f"checkpoint {init} was trained on other data (manifest digest "
+                f"{previous['data']['digest'][:12]}, this dataset {data.digest[:12]}); "
+                "use the same --data for every stage"
+            )
+        if previous.get("stage", 0) >= stage:
+            raise IagnError(
+                f"--init {init} is a stage {previous.get('stage')} checkpoint; stage {stage} "
+                f"starts from stage {stage - 1}"
+            )
+        config = ModelConfig.from_dict({**previous["model_config"], "weights": "none"})
+        model = IAGN(config)
+        model.load_state_dict(previous["model_state"])
+        return model, config
+    return IAGN(config), config
+
+
+def run(
+    stage: int,
+    data: str | Path | None,
+    params: dict,
+    out: str | Path,
+    init: str | Path | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+    callbacks: list | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Train stage `stage`; returns {"checkpoint", "history", "metrics"}."""
+    runtime = runtime or init_runtime(device)
+    config = stage_config(params, stage)
+    data_cfg = data_config(params)
+    prepared = prepare_data(resolve_data_dir(data, data_cfg), data_cfg)
+    seed_everything(config.seed)  # the same initial weights on every run and every rank
+    model, model_cfg = build_model(params, prepared, Path(init) if init else None, stage)
+    precision = resolve_precision(config.precision, runtime.device)
+    out = Path(out)
+    train_config = {
+        **asdict(config),
+        "precision_resolved": precision,
+        "world_size": runtime.world_size,  # a resumed run must split the data the same way
+    }
+    train_config["attention_crop_margin"] = list(config.attention_crop_margin)
+
+    def step_fn(wrapped, batch, generator):
+        return stage_step(
+            wrapped, batch["image"], batch["label"], config, model_cfg.jigsaw, generator
+        )
+
+    def validate_fn(trained) -> dict[str, float]:
+        loader = prepared.loader("val", train=False, batch_size=config.batch_size * 2)
+        return accuracy_on(trained, loader, runtime.device, precision, prefix="val_")
+
+    spec = LoopSpec(
+        model=model,
+        param_groups=[
+            {"params": model.backbone_parameters(), "lr": config.lr_backbone},
+            {"params": model.head_parameters(), "lr": config.lr_head},
+        ],
+        epochs=config.epochs,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        grad_clip=config.grad_clip,
+        precision=precision,
+        channels_last=config.channels_last,
+        seed=config.seed,
+        step_fn=step_fn,
+        validate_fn=validate_fn,
+        make_loader=lambda epoch: prepared.loader(
+            "train",
+            train=True,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            num_workers=config.num_workers,
+            distributed=runtime.distributed,
+        ),
+        payload=lambda: {
+            "kind": "teacher",
+            "stage": stage,
+            "model_config": model_cfg.to_dict(),
+            "train_config": train_config,
+            "data": prepared.identity(),
+        },
+        description=f"stage {stage}",
+        ddp_find_unused=stage < 3,  # heads of later stages get no loss yet
+        callbacks=callbacks or [],
+    )
+    result = run_loop(spec, out, runtime, quiet=quiet)
+    final = result["history"][-1] if result["history"] else {}
+    return {"checkpoint": out, "history": result["history"], "metrics": final}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from iagn.train.precision import cpu_model
+
+    return cpu_model()

@@ -1,0 +1,1 @@
+"""Training: progressive stages, distillation, checkpoints, precision, distributed."""

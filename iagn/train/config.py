@@ -1,0 +1,125 @@
+"""Typed configs built from params.yaml sections, with errors for unknown or bad keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from iagn.errors import IagnError
+from iagn.models.iagn import ModelConfig
+from iagn.params import section
+
+
+def from_mapping(cls, values: dict[str, Any], where: str):
+    """Build dataclass `cls` from `values`, naming unknown keys and the params section."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise IagnError(f"params.yaml `{where}` has unknown keys {unknown}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise IagnError(f"params.yaml `{where}`: {exc}") from None
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/synth"
+    format: str = "auto"
+    synth: dict = field(default_factory=dict)
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    resize: int = 146
+    crop: int = 128
+
+    @property
+    def format_or_none(self) -> str | None:
+        return None if self.format in ("auto", "", None) else self.format
+
+
+@dataclass
+class StageConfig:
+    """Hyperparameters of one progressive stage: the shared `train` section plus `stageN`."""
+
+    stage: int = 1
+    epochs: int = 4
+    batch_size: int = 16
+    lr_head: float = 0.02
+    lr_backbone: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    grad_clip: float = 5.0
+    precision: str = "auto"
+    channels_last: bool = True
+    seed: int = 0
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5
+    jigsaw_views: str = "split"
+    attention_crop_fraction: float = 0.25
+    attention_crop_margin: tuple[float, float] = (0.1, 0.3)
+    attention_threshold: float = 0.5
+    attention_drop: bool = False
+    drop_threshold: float = 0.6
+    num_workers: int = 0
+
+    def check(self) -> None:
+        if self.stage not in (1, 2, 3):
+            raise IagnError(f"--stage must be 1, 2 or 3, got {self.stage}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise IagnError("epochs and batch_size must be at least 1")
+        if self.jigsaw_views not in ("split", "all"):
+            raise IagnError(f"train.jigsaw_views must be split or all, got {self.jigsaw_views!r}")
+        if not 0.0 <= self.attention_crop_fraction <= 1.0:
+            raise IagnError("train.attention_crop_fraction must be in [0, 1]")
+        self.attention_crop_margin = tuple(self.attention_crop_margin)
+
+
+@dataclass
+class DistillConfig:
+    student: str = "resnet18"
+    student_weights: str = "none"
+    epochs: int = 6
+    batch_size: int = 16
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    grad_clip: float = 5.0
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.7
+    precision: str = "auto"
+    channels_last: bool = True
+    seed: int = 0
+    num_workers: int = 0
+
+
+def data_config(params: dict) -> DataConfig:
+    return from_mapping(DataConfig, section(params, "data"), "data")
+
+
+def model_config(params: dict, num_classes: int, class_names: list[str]) -> ModelConfig:
+    values = dict(section(params, "model"))
+    values.update(num_classes=num_classes, class_names=list(class_names))
+    config = from_mapping(ModelConfig, values, "model")
+    config.jigsaw = tuple(config.jigsaw)
+    if len(config.jigsaw) != 3:
+        raise IagnError("params.yaml model.jigsaw must list three granularities, e.g. [8, 4, 2]")
+    return config
+
+
+def stage_config(params: dict, stage: int) -> StageConfig:
+    values = {**section(params, "train"), **params.get(f"stage{stage}", {}), "stage": stage}
+    config = from_mapping(StageConfig, values, f"train/stage{stage}")
+    config.check()
+    return config
+
+
+def distill_config(params: dict) -> DistillConfig:
+    return from_mapping(DistillConfig, section(params, "distill"), "distill")
+
+
+def resolve_data_dir(data: str | Path | None, config: DataConfig) -> Path:
+    """`--data` wins over params.yaml data.root."""
+    return Path(data) if data else Path(config.root)

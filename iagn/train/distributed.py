@@ -1,0 +1,58 @@
+"""Distributed data parallel under `torchrun`: gloo on CPU, NCCL on GPU; rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Runtime(device=pick_device(device))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = pick_device(device)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        chosen = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
+    return Runtime(device=chosen, rank=dist.get_rank(), world_size=dist.get_world_size())
+
+
+def all_reduce_mean(value: float, runtime: Runtime) -> float:
+    if not runtime.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return float(tensor.item() / runtime.world_size)
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()

@@ -1,0 +1,201 @@
+"""The epoch loop shared by stage training and student distillation.
+
+It owns what every training run needs: seeded epochs (so a resumed run repeats exactly the
+batches of an uninterrupted one), mixed precision, channels_last, gradient clipping, the
+warm-up + cosine schedule, per-epoch validation, atomic checkpoints after every epoch,
+resume from the last checkpoint, a clear stop on a NaN loss, progress bars, and callbacks
+for experiment tracking. What a step computes is passed in as `step_fn`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from iagn.errors import IagnError
+from iagn.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from iagn.train.distributed import Runtime, all_reduce_mean, barrier
+from iagn.train.precision import autocast
+from iagn.train.schedule import warmup_cosine
+
+StepFn = Callable[[torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class LoopSpec:
+    """What the loop needs from a step: a model, its param groups and hyperparameters."""
+
+    model: torch.nn.Module
+    param_groups: list[dict]
+    epochs: int
+    momentum: float
+    weight_decay: float
+    warmup_epochs: float
+    grad_clip: float
+    precision: str
+    channels_last: bool
+    seed: int
+    step_fn: StepFn
+    validate_fn: Callable[[torch.nn.Module], dict[str, float]]
+    make_loader: Callable[[int], Any]  # epoch -> training DataLoader
+    payload: Callable[[], dict]  # what the checkpoint adds: kind, configs, data identity
+    description: str = "train"
+    ddp_find_unused: bool = False  # True when some parameters get no loss (early stages)
+    # After each epoch, with (epoch, record); a callback that raises stops the run cleanly.
+    callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _progress(total: int, description: str, quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -> dict[str, Any]:
+    """Train for spec.epochs, resuming from `out` if it holds an unfinished run of this spec."""
+    device = runtime.device
+    model = spec.model.to(device)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        spec.param_groups, momentum=spec.momentum, weight_decay=spec.weight_decay, nesterov=True
+    )
+    steps_per_epoch = max(1, len(spec.make_loader(0)))
+    scheduler = warmup_cosine(
+        optimizer,
+        warmup_steps=round(spec.warmup_epochs * steps_per_epoch),
+        total_steps=spec.epochs * steps_per_epoch,
+    )
+    start_epoch, step, history = 0, 0, []
+    resumed = _resume_state(out, spec)
+    if resumed is not None:
+        model.load_state_dict(resumed["model_state"])
+        optimizer.load_state_dict(resumed["optimizer_state"])
+        scheduler.load_state_dict(resumed["scheduler_state"])
+        start_epoch, step, history = resumed["epoch"], resumed["step"], resumed["history"]
+        set_rng_state(resumed["rng"])
+        if runtime.is_main and not quiet:
+            print(f"resuming {out} after epoch {start_epoch} of {spec.epochs}")
+
+    wrapped = model
+    if runtime.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        wrapped = DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=spec.ddp_find_unused
+        )
+
+    def checkpoint(epoch: int, complete: bool) -> None:
+        if not runtime.is_main:
+            return
+        save_checkpoint(
+            out,
+            {
+                **spec.payload(),
+                "model_state": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "scheduler_state": scheduler.state_dict(),
+                "epoch": epoch,
+                "step": step,
+                "rng": rng_state(),
+                "history": history,
+                "complete": complete,
+            },
+        )
+
+    for epoch in range(start_epoch, spec.epochs):
+        # Reseed per epoch: the epoch depends only on (seed, epoch) and the weights.
+        seed_everything(spec.seed * 1_000 + epoch + runtime.rank * 7)
+        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 31 + runtime.rank)
+        loader = spec.make_loader(epoch)
+        wrapped.train()
+        started, seen, sums = time.perf_counter(), 0, {}
+        bar = _progress(
+            len(loader),
+            f"{spec.description} epoch {epoch + 1}/{spec.epochs}",
+            quiet or not runtime.is_main,
+        )
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if spec.channels_last:
+                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+            with autocast(spec.precision, device):
+                loss, logs = spec.step_fn(wrapped, batch, generator)
+            if not math.isfinite(float(loss.detach())):
+                raise IagnError(
+                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
+                    f"stopped. The last good checkpoint ({out}, after epoch {epoch}) is kept. "
+                    "Lower the learning rates (lr_head, lr_backbone) or use precision fp32."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            count = batch["image"].shape[0]
+            seen += count
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + value * count
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.3f}")
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - started
+        record = {k: all_reduce_mean(v / max(1, seen), runtime) for k, v in sums.items()}
+        record["images_per_s"] = (
+            all_reduce_mean(seen / max(elapsed, 1e-9), runtime) * runtime.world_size
+        )
+        record["lr_head"] = optimizer.param_groups[-1]["lr"]
+        record["lr_backbone"] = optimizer.param_groups[0]["lr"]
+        record["epoch_seconds"] = elapsed
+        model.eval()
+        record.update(spec.validate_fn(model))
+        record["epoch"] = epoch + 1
+        history.append(record)
+        checkpoint(epoch + 1, complete=epoch + 1 == spec.epochs)
+        barrier(runtime)
+        if runtime.is_main and not quiet:
+            shown = {k: record[k] for k in ("loss", "val_acc", "images_per_s") if k in record}
+            print(
+                f"{spec.description} epoch {epoch + 1}/{spec.epochs}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+            )
+        for callback in spec.callbacks:
+            callback(epoch + 1, record)
+    if resumed is not None and start_epoch >= spec.epochs:
+        checkpoint(spec.epochs, complete=True)
+    return {"history": history, "steps": step}
+
+
+def _resume_state(out: Path, spec: LoopSpec) -> dict | None:
+    """The checkpoint at `out` if it is a run with the same configuration (a finished one
+    makes the loop a no-op; an unfinished one is continued)."""
+    if not out.is_file():
+        return None
+    try:
+        previous = load_checkpoint(out)
+    except IagnError:
+        return None  # a corrupt leftover is replaced, never trusted
+    current = spec.payload()
+    same = all(previous.get(k) == current.get(k) for k in ("kind", "stage", "train_config", "data"))
+    same = same and previous.get("model_config") == current.get("model_config")
+    return previous if same else None

@@ -1,0 +1,249 @@
+"""Progressive stages, distillation, evaluation, checkpoints and resume on a tiny dataset."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT
+
+import iagn.steps.train_stage as train_stage_module
+from iagn.errors import IagnError
+from iagn.params import load_params
+from iagn.steps import distill, evaluate, train_stage
+from iagn.train import precision
+from iagn.train.checkpoint import load_checkpoint
+
+
+def tiny_params(data: Path, epochs: int = 1) -> dict:
+    """The project's params.yaml, shrunk to seconds on a 4-class 64 px dataset."""
+    params = load_params(REPO_ROOT / "params.yaml")
+    params["data"].update(root=str(data), val_fraction=0.34, resize=72, crop=64)
+    params["model"]["stage_channels"] = 16
+    params["train"].update(batch_size=4, precision="fp32")
+    for stage in (1, 2, 3):
+        params[f"stage{stage}"] = {"epochs": epochs}
+    params["distill"].update(epochs=1, batch_size=4)
+    params["evaluate"].update(speed_repeats=2, gallery_size=3)
+    return params
+
+
+@pytest.fixture(scope="module")
+def pipeline_outputs(tiny_synth: Path, tmp_path_factory) -> dict:
+    """Stage 1 -> 2 -> 3 -> distill, once for the module."""
+    out = tmp_path_factory.mktemp("train")
+    params = tiny_params(tiny_synth)
+    results = {}
+    init = None
+    for stage in (1, 2, 3):
+        results[stage] = train_stage.run(
+            stage, None, params, out / f"s{stage}.pt", init, quiet=True
+        )
+        init = out / f"s{stage}.pt"
+    results["student"] = distill.run(init, None, params, out / "student.pt", quiet=True)
+    return {"dir": out, "params": params, "results": results}
+
+
+def test_checkpoint_holds_everything_needed_to_resume_and_serve(pipeline_outputs, tiny_synth):
+    checkpoint = load_checkpoint(pipeline_outputs["dir"] / "s3.pt", kind="teacher")
+    for key in (
+        "model_state",
+        "optimizer_state",
+        "scheduler_state",
+        "rng",
+        "train_config",
+        "model_config",
+        "history",
+        "epoch",
+        "step",
+    ):
+        assert key in checkpoint, key
+    assert checkpoint["stage"] == 3 and checkpoint["complete"] is True
+    assert checkpoint["model_config"]["class_names"][0].startswith("001.")
+    assert len(checkpoint["data"]["digest"]) == 64
+    history = checkpoint["history"][0]
+    for key in (
+        "loss",
+        "loss_fused",
+        "loss_head1",
+        "loss_head3",
+        "kd_head3",
+        "val_acc",
+        "val_acc_head1",
+        "val_acc_fused",
+        "val_acc_combined",
+        "images_per_s",
+        "lr_head",
+    ):
+        assert key in history, key
+
+
+def test_stage_heads_train_progressively(pipeline_outputs):
+    results = pipeline_outputs["results"]
+    assert "loss_head1" in results[1]["history"][0]
+    assert "loss_head2" not in results[1]["history"][0]
+    assert "loss_head2" in results[2]["history"][0] and "loss_head3" not in results[2]["history"][0]
+    assert "loss_head3" in results[3]["history"][0]
+
+
+def test_stage_starts_from_the_previous_checkpoint(pipeline_outputs):
+    s1 = load_checkpoint(pipeline_outputs["dir"] / "s1.pt")
+    s2 = load_checkpoint(pipeline_outputs["dir"] / "s2.pt")
+    # Stage 2 changed the weights it started from (it trained), and head 3 is untouched
+    # by losses in stages 1-2, so it only moved through weight decay.
+    assert not torch.equal(s1["model_state"]["stem.0.weight"], s2["model_state"]["stem.0.weight"])
+
+
+def test_evaluate_teacher_and_student(pipeline_outputs, tmp_path):
+    params = pipeline_outputs["params"]
+    teacher = evaluate.run(pipeline_outputs["dir"] / "s3.pt", None, params, tmp_path / "t")
+    student = evaluate.run(pipeline_outputs["dir"] / "student.pt", None, params, tmp_path / "s")
+    for key in (
+        "top1_head1",
+        "top1_head2",
+        "top1_head3",
+        "top1_fused",
+        "top1_combined",
+        "top1_two_pass",
+        "top5_fused",
+        "ece",
+        "pointing_game",
+        "box_accuracy",
+        "latency_ms",
+        "throughput_ips",
+        "parameters",
+        "checkpoint_mb",
+    ):
+        assert key in teacher, key
+    assert 0.0 <= teacher["pointing_game"] <= 1.0
+    assert teacher["images"] == 12 and len(teacher["per_class_accuracy"]) == 4
+    assert "top1_student" in student and "top1_head1" not in student
+    assert student["parameters"] < teacher["parameters"]
+    written = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert written["top1"] == teacher["top1"]
+    for name in ("confusion_matrix.png", "reliability.png", "attention_gallery.png"):
+        assert (tmp_path / "t" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_synth, tmp_path):
+    params = tiny_params(tiny_synth, epochs=3)
+    params["train"]["attention_crop_fraction"] = 0.5
+    train_stage.run(1, None, params, tmp_path / "straight.pt", quiet=True)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_second_epoch(epoch, record):
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_stage.run(
+            1,
+            None,
+            params,
+            tmp_path / "resumed.pt",
+            quiet=True,
+            callbacks=[kill_after_second_epoch],
+        )
+    assert load_checkpoint(tmp_path / "resumed.pt")["epoch"] == 2
+    train_stage.run(1, None, params, tmp_path / "resumed.pt", quiet=True)
+    straight = load_checkpoint(tmp_path / "straight.pt")
+    resumed = load_checkpoint(tmp_path / "resumed.pt")
+    assert resumed["epoch"] == 3 and resumed["complete"]
+    for key, value in straight["model_state"].items():
+        assert torch.equal(value, resumed["model_state"][key]), key
+    assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
+
+
+def test_incompatible_init_checkpoints_are_explained(pipeline_outputs, tiny_synth, tmp_path):
+    params = copy.deepcopy(pipeline_outputs["params"])
+    s1 = pipeline_outputs["dir"] / "s1.pt"
+    params["model"]["backbone"] = "resnet34"
+    with pytest.raises(IagnError, match=r"trained with backbone resnet18.*resnet34"):
+        train_stage.run(2, None, params, tmp_path / "x.pt", s1, quiet=True)
+    checkpoint = torch.load(s1, weights_only=False)
+    checkpoint["model_config"]["num_classes"] = 9
+    torch.save(checkpoint, tmp_path / "nine.pt")
+    with pytest.raises(IagnError, match="has 9 classes, but the dataset has 4"):
+        train_stage.run(
+            2, None, pipeline_outputs["params"], tmp_path / "x.pt", tmp_path / "nine.pt", quiet=True
+        )
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_missing_and_corrupt_checkpoints(pipeline_outputs, tmp_path):
+    params = pipeline_outputs["params"]
+    with pytest.raises(IagnError, match="does not exist"):
+        evaluate.run(tmp_path / "none.pt", None, params, tmp_path / "e")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((pipeline_outputs["dir"] / "s3.pt").read_bytes()[:5000])
+    with pytest.raises(IagnError, match="corrupt or not a torch file"):
+        distill.run(truncated, None, params, tmp_path / "student.pt", quiet=True)
+    with pytest.raises(IagnError, match="holds a student model, expected a teacher"):
+        distill.run(pipeline_outputs["dir"] / "student.pt", None, params, tmp_path / "s.pt")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_synth, tmp_path, monkeypatch):
+    params = tiny_params(tiny_synth, epochs=3)
+    real_step = train_stage_module.stage_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, logs = real_step(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 3 else loss), logs  # epoch 1 has 2 steps
+
+    monkeypatch.setattr(train_stage_module, "stage_step", poisoned)
+    with pytest.raises(IagnError, match=r"loss became nan at epoch 2.*last good checkpoint"):
+        train_stage.run(1, None, params, tmp_path / "s1.pt", quiet=True)
+    kept = load_checkpoint(tmp_path / "s1.pt")
+    assert kept["epoch"] == 1 and not kept["complete"]
+    assert all(
+        torch.isfinite(v).all() for v in kept["model_state"].values() if v.is_floating_point()
+    )
+
+
+def test_too_small_images_for_the_jigsaw(tiny_synth, tmp_path):
+    params = tiny_params(tiny_synth)
+    params["data"].update(resize=24, crop=24)
+    with pytest.raises(IagnError, match="crop size 24 px is too small for a 8x8 jigsaw"):
+        train_stage.run(1, None, params, tmp_path / "s1.pt", quiet=True)
+
+
+def test_unknown_params_keys_are_named(tiny_synth, tmp_path):
+    params = tiny_params(tiny_synth)
+    params["train"]["learning_rate"] = 0.1
+    with pytest.raises(IagnError, match=r"unknown keys \['learning_rate'\]"):
+        train_stage.run(1, None, params, tmp_path / "s1.pt", quiet=True)
+
+
+def test_auto_precision_follows_the_cpu_flags(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert precision.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert precision.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert precision.resolve_precision("auto", cpu) == "bf16"
+    assert precision.resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(IagnError, match="fp16 needs a CUDA GPU"):
+        precision.resolve_precision("fp16", cpu)
+    with pytest.raises(IagnError, match="unknown precision"):
+        precision.resolve_precision("int8", cpu)
+
+
+def test_bf16_training_step_runs(tiny_synth, tmp_path):
+    params = tiny_params(tiny_synth)
+    params["train"]["precision"] = "bf16"
+    result = train_stage.run(1, None, params, tmp_path / "s1.pt", quiet=True)
+    assert torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+
+
+def write_params(params: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params))
+    return path
