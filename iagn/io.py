@@ -43,6 +43,12 @@ def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> Path:
     return Path(target)
 
 
+def write_json_atomic(target: str | os.PathLike, data: object) -> Path:
+    import json
+
+    return write_text_atomic(target, json.dumps(data, indent=2, default=str) + "\n")
+
+
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

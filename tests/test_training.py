@@ -247,3 +247,19 @@ def test_bf16_training_step_runs(tiny_synth, tmp_path):
 def write_params(params: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def test_paper_scale_config_is_complete_and_matches_the_recipe():
+    from iagn.train.config import data_config, distill_config, model_config, stage_config
+
+    params = load_params(REPO_ROOT / "configs" / "cub.yaml")
+    data = data_config(params)
+    assert (data.resize, data.crop, data.format) == (550, 448, "cub")
+    model = model_config(params, 200, [])
+    assert (model.backbone, model.weights) == ("resnet50", "imagenet")
+    for stage in (1, 2, 3):
+        config = stage_config(params, stage)
+        assert config.batch_size == 16 and config.momentum == 0.9
+        assert (config.lr_head, config.lr_backbone, config.weight_decay) == (0.002, 0.0002, 5e-4)
+    assert distill_config(params).student == "resnet18"
+    assert set(params) >= set(load_params(REPO_ROOT / "params.yaml")) - {"register"}

@@ -9,7 +9,6 @@ of test images, latency and throughput on the current device, parameter count an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from iagn.evaluation.metrics import calibration, confusion_matrix, per_class_acc
 from iagn.evaluation.plots import attention_gallery, confusion_plot, reliability_plot
 from iagn.evaluation.predictor import Predictor
 from iagn.evaluation.speed import file_size_mb, measure_speed, parameter_count
-from iagn.io import write_text_atomic
+from iagn.io import write_json_atomic
 from iagn.models.load import load_model
 from iagn.steps.train_stage import device_name
 from iagn.train.config import data_config, resolve_data_dir
@@ -140,8 +139,8 @@ def run(
             IMAGENET_STD,
             out / "attention_gallery.png",
         )
-    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
-    write_text_atomic(out / "reliability.json", json.dumps(table, indent=2) + "\n")
+    write_json_atomic(out / "reliability.json", table)
+    write_json_atomic(out / METRICS_FILE, metrics)  # last: its presence means complete
     return metrics
 
 

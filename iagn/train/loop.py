@@ -22,6 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from iagn.errors import IagnError
+from iagn.io import write_json_atomic
 from iagn.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from iagn.train.distributed import Runtime, all_reduce_mean, barrier
 from iagn.train.precision import autocast
@@ -68,8 +69,22 @@ def _progress(total: int, description: str, quiet: bool):
     return tqdm(total=total, desc=description, unit="batch", leave=False, dynamic_ncols=True)
 
 
+def history_path(checkpoint: Path) -> Path:
+    """Per-epoch metrics beside a checkpoint (JSON list; DVC plots read it)."""
+    return checkpoint.with_name(checkpoint.stem + ".history.json")
+
+
+def metrics_path(checkpoint: Path) -> Path:
+    """The last epoch's metrics beside a checkpoint (JSON; DVC metrics read it)."""
+    return checkpoint.with_name(checkpoint.stem + ".metrics.json")
+
+
 def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -> dict[str, Any]:
-    """Train for spec.epochs, resuming from `out` if it holds an unfinished run of this spec."""
+    """Train for spec.epochs, resuming from `out` if it holds an unfinished run of this spec.
+
+    Writes `out`, and beside it `<stem>.history.json` after every epoch and
+    `<stem>.metrics.json` (the final epoch's record) at the end.
+    """
     device = runtime.device
     model = spec.model.to(device)
     if spec.channels_last:
@@ -172,6 +187,8 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         record["epoch"] = epoch + 1
         history.append(record)
         checkpoint(epoch + 1, complete=epoch + 1 == spec.epochs)
+        if runtime.is_main:
+            write_json_atomic(history_path(out), history)
         barrier(runtime)
         if runtime.is_main and not quiet:
             shown = {k: record[k] for k in ("loss", "val_acc", "images_per_s") if k in record}
@@ -183,6 +200,9 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             callback(epoch + 1, record)
     if resumed is not None and start_epoch >= spec.epochs:
         checkpoint(spec.epochs, complete=True)
+    if runtime.is_main and history:
+        write_json_atomic(history_path(out), history)
+        write_json_atomic(metrics_path(out), history[-1])
     return {"history": history, "steps": step}
 
 

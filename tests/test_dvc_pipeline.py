@@ -1,0 +1,92 @@
+"""`dvc repro` runs the whole pipeline for real on a tiny configuration; reruns are partial."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+from helpers import dvc, iagn, run
+
+STAGES = ("validate", "stage1", "stage2", "stage3", "distill", "evaluate")
+
+
+def tiny_pipeline_params(params: dict) -> dict:
+    """Seconds instead of minutes: 4 classes, 64 px, one epoch per stage, small blocks."""
+    params["data"]["synth"].update(classes=4, images_per_class=8, size=64)
+    params["data"].update(val_fraction=0.25, resize=72, crop=64)
+    params["validate"]["expectations"]["min_images_per_class"]["min_count"] = 2
+    params["model"]["stage_channels"] = 16
+    params["train"].update(batch_size=4, precision="fp32")
+    for stage in (1, 2, 3):
+        params[f"stage{stage}"] = {"epochs": 1}
+    params["distill"].update(epochs=1, batch_size=4)
+    params["evaluate"].update(speed_repeats=2, gallery_size=2)
+    return params
+
+
+def ran(output: str) -> set[str]:
+    return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory) -> Path:
+    """A fresh clone with the tiny configuration committed and its dataset generated."""
+    clone = tmp_path_factory.mktemp("dvc") / "clone"
+    run(["git", "clone", "--quiet", REPO_ROOT, clone], cwd=clone.parent)
+    params_file = clone / "params.yaml"
+    params_file.write_text(
+        yaml.safe_dump(tiny_pipeline_params(yaml.safe_load(params_file.read_text())))
+    )
+    iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=clone)
+    dvc("add", "--quiet", "data", cwd=clone)
+    run(["git", "commit", "--quiet", "-am", "tiny configuration"], cwd=clone)
+    return clone
+
+
+def test_repro_runs_every_stage_then_nothing(pipeline_repo: Path):
+    first = dvc("repro", cwd=pipeline_repo)
+    assert ran(first.stdout) == set(STAGES), first.stdout
+    for path in (
+        "build/models/stage3.pt",
+        "build/models/student.pt",
+        "build/validate/data_docs",
+        "build/eval/teacher/attention_gallery.png",
+    ):
+        assert (pipeline_repo / path).exists(), path
+    teacher = json.loads((pipeline_repo / "build/eval/teacher/metrics.json").read_text())
+    assert teacher["kind"] == "teacher" and 0 <= teacher["top1"] <= 1
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=pipeline_repo).stdout)
+    assert "top1_combined" in json.dumps(shown)
+    assert "pointing_game" in json.dumps(shown)
+    history = json.loads((pipeline_repo / "build/models/stage3.history.json").read_text())
+    assert [row["epoch"] for row in history] == [1]
+
+    second = dvc("repro", cwd=pipeline_repo)
+    assert ran(second.stdout) == set(), second.stdout
+    run(["git", "add", "-A"], cwd=pipeline_repo)
+    run(["git", "commit", "--quiet", "-m", "pipeline results"], cwd=pipeline_repo)
+
+
+def test_changing_a_stage2_param_reruns_stage2_and_what_follows(pipeline_repo: Path):
+    params_file = pipeline_repo / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["stage2"]["lr_head"] = 0.005
+    params_file.write_text(yaml.safe_dump(params))
+    rerun = dvc("repro", cwd=pipeline_repo)
+    assert ran(rerun.stdout) == {"stage2", "stage3", "distill", "evaluate"}, rerun.stdout
+    diff = dvc("params", "diff", cwd=pipeline_repo).stdout
+    assert "stage2.lr_head" in diff
+    metrics_diff = dvc("metrics", "diff", "--all", cwd=pipeline_repo).stdout
+    assert "build/eval/teacher/metrics.json" in metrics_diff
+    plots = dvc("plots", "show", "--json", cwd=pipeline_repo).stdout
+    assert "Validation accuracy per epoch" in plots
+
+
+def test_experiment_run_with_a_param_override(pipeline_repo: Path):
+    result = dvc("exp", "run", "-S", "distill.kd_alpha=0.5", cwd=pipeline_repo)
+    assert ran(result.stdout) == {"distill", "evaluate"}, result.stdout
+    shown = dvc("exp", "show", "--no-pager", "--csv", cwd=pipeline_repo).stdout
+    assert "distill.kd_alpha" in shown and "0.5" in shown
