@@ -19,7 +19,9 @@ GIT_IDENTITY = {
 
 def run(args: list, cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 300):
     """Run a command, returning the CompletedProcess; on failure show its output."""
-    full_env = {**os.environ, **GIT_IDENTITY, **(env or {})}
+    # The venv's console scripts (iagn, dvc) on PATH, as in an activated venv or `make`.
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    full_env = {**os.environ, **GIT_IDENTITY, "PATH": path, **(env or {})}
     result = subprocess.run(
         [str(a) for a in args],
         cwd=cwd,
