@@ -7,7 +7,7 @@ so `iagn evaluate` reads it.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,7 @@ from iagn.models.student import Student, StudentConfig
 from iagn.train.config import data_config, resolve_data_dir, stage_config
 from iagn.train.data import prepare_data
 from iagn.train.distributed import init_runtime
-from iagn.train.evaluation import accuracy_on
-from iagn.train.loop import LoopSpec, run_loop, seed_everything
+from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.precision import resolve_precision
 
 
@@ -43,31 +42,17 @@ def run(
         loss = F.cross_entropy(wrapped(batch["image"]).float(), batch["label"])
         return loss, {"loss": float(loss.detach())}
 
-    spec = LoopSpec(
+    spec = standard_spec(
+        replace(config, epochs=epochs),
+        prepared,
+        runtime,
+        precision,
         model=model,
         param_groups=[
             {"params": list(model.features.parameters()), "lr": config.lr_backbone},
             {"params": list(model.classifier.parameters()), "lr": config.lr_head},
         ],
-        epochs=epochs,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        grad_clip=config.grad_clip,
-        precision=precision,
-        channels_last=config.channels_last,
-        seed=config.seed,
         step_fn=step_fn,
-        validate_fn=lambda trained: accuracy_on(
-            trained,
-            prepared.loader("val", False, config.batch_size * 2),
-            runtime.device,
-            precision,
-            prefix="val_",
-        ),
-        make_loader=lambda epoch: prepared.loader(
-            "train", True, config.batch_size, config.seed, epoch
-        ),
         payload=lambda: {
             "kind": "student",
             "stage": None,

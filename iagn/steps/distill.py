@@ -23,8 +23,7 @@ from iagn.train.checkpoint import load_checkpoint
 from iagn.train.config import data_config, distill_config, resolve_data_dir
 from iagn.train.data import prepare_data
 from iagn.train.distributed import Runtime, init_runtime
-from iagn.train.evaluation import accuracy_on
-from iagn.train.loop import LoopSpec, run_loop, seed_everything
+from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.losses import kd_loss
 from iagn.train.precision import resolve_precision
 
@@ -81,36 +80,14 @@ def run(
             "loss_kd": float(kd.detach()),
         }
 
-    def validate_fn(trained) -> dict[str, float]:
-        loader = prepared.loader("val", train=False, batch_size=config.batch_size * 2)
-        return accuracy_on(trained, loader, runtime.device, precision, prefix="val_")
-
-    backbone = list(student.features.parameters())
-    spec = LoopSpec(
+    spec = standard_spec(
+        config,
+        prepared,
+        runtime,
+        precision,
         model=student,
-        param_groups=[
-            {"params": backbone, "lr": config.lr},
-            {"params": list(student.classifier.parameters()), "lr": config.lr},
-        ],
-        epochs=config.epochs,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        grad_clip=config.grad_clip,
-        precision=precision,
-        channels_last=config.channels_last,
-        seed=config.seed,
+        param_groups=[{"params": list(student.parameters()), "lr": config.lr}],
         step_fn=step_fn,
-        validate_fn=validate_fn,
-        make_loader=lambda epoch: prepared.loader(
-            "train",
-            train=True,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            epoch=epoch,
-            num_workers=config.num_workers,
-            distributed=runtime.distributed,
-        ),
         payload=lambda: {
             "kind": "student",
             "stage": None,

@@ -29,8 +29,7 @@ from iagn.train.config import (
 )
 from iagn.train.data import PreparedData, prepare_data
 from iagn.train.distributed import Runtime, init_runtime
-from iagn.train.evaluation import accuracy_on
-from iagn.train.loop import LoopSpec, run_loop, seed_everything
+from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.precision import resolve_precision
 from iagn.train.stage_step import stage_step
 
@@ -102,35 +101,17 @@ def run(
             wrapped, batch["image"], batch["label"], config, model_cfg.jigsaw, generator
         )
 
-    def validate_fn(trained) -> dict[str, float]:
-        loader = prepared.loader("val", train=False, batch_size=config.batch_size * 2)
-        return accuracy_on(trained, loader, runtime.device, precision, prefix="val_")
-
-    spec = LoopSpec(
+    spec = standard_spec(
+        config,
+        prepared,
+        runtime,
+        precision,
         model=model,
         param_groups=[
             {"params": model.backbone_parameters(), "lr": config.lr_backbone},
             {"params": model.head_parameters(), "lr": config.lr_head},
         ],
-        epochs=config.epochs,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        warmup_epochs=config.warmup_epochs,
-        grad_clip=config.grad_clip,
-        precision=precision,
-        channels_last=config.channels_last,
-        seed=config.seed,
         step_fn=step_fn,
-        validate_fn=validate_fn,
-        make_loader=lambda epoch: prepared.loader(
-            "train",
-            train=True,
-            batch_size=config.batch_size,
-            seed=config.seed,
-            epoch=epoch,
-            num_workers=config.num_workers,
-            distributed=runtime.distributed,
-        ),
         payload=lambda: {
             "kind": "teacher",
             "stage": stage,

@@ -55,6 +55,43 @@ class LoopSpec:
     callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)
 
 
+def standard_spec(config, prepared, runtime: Runtime, precision: str, **fields) -> LoopSpec:
+    """A LoopSpec whose optimizer settings, training loader and validation come from a
+    stage or distill config (`epochs`, `batch_size`, `momentum`, `weight_decay`,
+    `warmup_epochs`, `grad_clip`, `channels_last`, `seed`, `num_workers`) and `prepared`
+    data; `fields` supply the rest (model, param groups, step, payload, ...)."""
+    from iagn.train.evaluation import accuracy_on
+
+    def validate(trained: torch.nn.Module) -> dict[str, float]:
+        loader = prepared.loader("val", train=False, batch_size=config.batch_size * 2)
+        return accuracy_on(trained, loader, runtime.device, precision, prefix="val_")
+
+    def train_loader(epoch: int):
+        return prepared.loader(
+            "train",
+            train=True,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            num_workers=config.num_workers,
+            distributed=runtime.distributed,
+        )
+
+    return LoopSpec(
+        epochs=config.epochs,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        grad_clip=config.grad_clip,
+        precision=precision,
+        channels_last=config.channels_last,
+        seed=config.seed,
+        validate_fn=validate,
+        make_loader=train_loader,
+        **fields,
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
