@@ -20,9 +20,9 @@ def _params(args: argparse.Namespace) -> dict:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from iagn.steps import distill
+    from iagn import runner
 
-    result = distill.run(
+    result = runner.distill(
         args.teacher, args.data, _params(args), args.out, device=args.device, quiet=args.quiet
     )
     accuracy = result["metrics"].get("val_acc", float("nan"))
@@ -32,9 +32,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from iagn.steps import evaluate
+    from iagn import runner
 
-    metrics = evaluate.run(
+    metrics = runner.evaluate(
         args.model, args.data, _params(args), args.out, device=args.device, quiet=args.quiet
     )
     keys = ("top1", "top5", "ece", "pointing_game", "box_accuracy", "latency_ms", "throughput_ips")

@@ -9,13 +9,13 @@ from iagn.commands.common import add_data_arguments, add_params_argument, is_mai
 
 
 def cmd_train_stage(args: argparse.Namespace) -> int:
+    from iagn import runner
     from iagn.params import load_params
-    from iagn.steps import train_stage
 
     params = load_params(args.params)
     if args.format:
         params["data"]["format"] = args.format
-    result = train_stage.run(
+    result = runner.train_stage(
         stage=args.stage,
         data=args.data,
         params=params,

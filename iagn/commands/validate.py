@@ -33,14 +33,14 @@ class _LazyBar:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from iagn.params import load_params, section
-    from iagn.steps.validate import run
+    from iagn import runner
+    from iagn.params import load_params
     from iagn.validation.report import console_summary, failures_text
 
-    settings = section(load_params(args.params), "validate")
+    params = load_params(args.params)
     bar = _LazyBar(args.quiet)
     try:
-        report = run(args.data, settings, args.out, args.format, progress=bar)
+        report = runner.validate(args.data, params, args.out, args.format, progress=bar)
     finally:
         bar.close()
     print(console_summary(report.document, args.out))

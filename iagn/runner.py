@@ -1,0 +1,305 @@
+"""Each pipeline step, tracked in MLflow: what the CLI, the DVC stages and the KFP components call.
+
+One function per step. Each opens the step's nested MLflow run (iagn/tracking.py: parent
+run, tags, params), calls the pure step in iagn/steps/ with an epoch callback that logs
+per-epoch metrics, then logs what the step produced: metrics, artifacts, the dataset it
+read (`mlflow.log_input` with the manifest digest) and, for the finished teacher (stage 3)
+and the student, the model (iagn/serving.py). Arguments are plain paths and values, never
+argparse objects, so a KFP component calls the same functions as the CLI.
+
+With tracking off (IAGN_TRACKING=off, or a torchrun rank other than 0) the steps run as
+they are; only `register` needs MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from iagn import tracking
+from iagn.errors import IagnError
+from iagn.params import section
+
+EVALUATION_FILES = (
+    "metrics.json",
+    "reliability.json",
+    "confusion_matrix.png",
+    "reliability.png",
+    "attention_gallery.png",
+)
+
+
+def validate(
+    data: str | Path,
+    params: dict,
+    out: str | Path,
+    format: str | None = None,
+    progress: Callable[[int, int], object] | None = None,
+):
+    """`iagn.steps.validate.run` in a `validate` run: verdict, report, summary, Data Docs."""
+    from iagn.steps import validate as step
+
+    settings = section(params, "validate")
+    with tracking.step_run("validate", params, ("validate",)) as run:
+        report = step.run(data, settings, out, format, progress=progress)
+        dataset = report.document.get("dataset", {})
+        run.log_metrics(
+            {
+                "validation_success": float(report.success),
+                "blocking_failures": len(report.blocking_failures),
+                "warnings": len(report.warnings),
+                "images": dataset.get("images", 0),
+                "classes": dataset.get("classes", 0),
+            }
+        )
+        run.log_artifact(report.report_path)
+        run.log_artifact(report.summary_path)
+        run.log_artifact(report.data_docs_path.parent, "data_docs")
+        if not report.success:
+            run.block("blocking expectations failed: " + ", ".join(report.blocking_failures))
+    return report
+
+
+def _log_trained(run: tracking.StepRun, result: dict, out: Path, model_kind: str | None) -> None:
+    """After training: epochs the callback missed, the dataset and (when final) the model."""
+    if not run.active:
+        return
+    from iagn.train.checkpoint import load_checkpoint
+
+    run.log_history(result["history"])
+    checkpoint = load_checkpoint(out)
+    run.log_dataset(checkpoint["data"], "train")
+    if model_kind is not None:
+        _log_model(run, checkpoint, out, model_kind)
+
+
+def _log_model(
+    run: tracking.StepRun, checkpoint: dict, path: Path, kind: str, sha: str | None = None
+):
+    """Log the checkpoint as a pyfunc model; tag the run so `register` can find it."""
+    from iagn import serving
+    from iagn.io import sha256_file
+    from iagn.registry import TAG_MODEL_ID, TAG_MODEL_URI, LoggedModel
+    from iagn.steps.register import TAG_CHECKPOINT, TAG_KIND
+
+    sha = sha or sha256_file(path)
+    with tracking.mlflow_errors(run.uri):
+        info = serving.log_model(checkpoint, name=kind, tags={TAG_KIND: kind, TAG_CHECKPOINT: sha})
+    run.set_tags(
+        {
+            TAG_CHECKPOINT: sha,
+            TAG_KIND: kind,
+            TAG_MODEL_URI: info.model_uri,
+            TAG_MODEL_ID: info.model_id,
+        }
+    )
+    return LoggedModel(info.model_uri, run.run_id, info.model_id)
+
+
+def train_stage(
+    stage: int,
+    data: str | Path | None,
+    params: dict,
+    out: str | Path,
+    init: str | Path | None = None,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """`iagn.steps.train_stage.run` in a `train-stage-N` run; stage 3 logs the teacher model."""
+    from iagn.steps import train_stage as step
+
+    sections = ("data", "model", "train", f"stage{stage}")
+    with tracking.step_run(f"train-stage-{stage}", params, sections) as run:
+        result = step.run(
+            stage=stage,
+            data=data,
+            params=params,
+            out=out,
+            init=init,
+            device=device,
+            quiet=quiet,
+            callbacks=[run.log_epoch],
+        )
+        _log_trained(run, result, Path(out), "teacher" if stage == 3 else None)
+    return result
+
+
+def distill(
+    teacher: str | Path,
+    data: str | Path | None,
+    params: dict,
+    out: str | Path,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """`iagn.steps.distill.run` in a `distill` run; logs the student model."""
+    from iagn.steps import distill as step
+
+    with tracking.step_run("distill", params, ("data", "distill")) as run:
+        result = step.run(
+            teacher, data, params, out, device=device, quiet=quiet, callbacks=[run.log_epoch]
+        )
+        _log_trained(run, result, Path(out), "student")
+    return result
+
+
+def evaluate(
+    model_path: str | Path,
+    data: str | Path | None,
+    params: dict,
+    out: str | Path,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """`iagn.steps.evaluate.run` in an `evaluate-<kind>` run: metrics, plots, metrics.json."""
+    from iagn.steps import evaluate as step
+
+    with tracking.step_run("evaluate", params, ("data", "evaluate")) as run:
+        metrics = step.run(model_path, data, params, out, device=device, quiet=quiet)
+        if run.active:
+            _log_evaluation(run, metrics, Path(model_path), Path(out))
+    return metrics
+
+
+def _log_evaluation(run: tracking.StepRun, metrics: dict, model_path: Path, out: Path) -> None:
+    import mlflow
+
+    from iagn.io import sha256_file
+    from iagn.registry import find_logged_model
+    from iagn.steps.register import TAG_CHECKPOINT, TAG_KIND
+    from iagn.train.checkpoint import load_checkpoint
+
+    kind = metrics["kind"]
+    sha = sha256_file(model_path)
+    with tracking.mlflow_errors(run.uri):
+        logged = find_logged_model(mlflow.MlflowClient(), run.experiment_id, sha)
+    values = {k: v for k, v in metrics.items() if k != "per_class_accuracy"}
+    # Linked to the logged model (MLflow 3 shows them on its page) when training logged one.
+    run.log_metrics(values, model_id=logged.model_id if logged else None)
+    run.log_metrics({f"class_acc/{name}": v for name, v in metrics["per_class_accuracy"].items()})
+    run.set_tags(
+        {
+            "mlflow.runName": f"evaluate-{kind}",
+            tracking.TAG_STEP: f"evaluate-{kind}",
+            TAG_KIND: kind,
+            TAG_CHECKPOINT: sha,
+            "iagn.device": metrics.get("device", ""),
+            "iagn.precision": metrics.get("precision", ""),
+        }
+    )
+    for name in EVALUATION_FILES:
+        run.log_artifact(out / name)
+    run.log_dataset(load_checkpoint(model_path)["data"], metrics.get("split", "test"))
+
+
+def _read_metrics(eval_dir: Path, kind: str, checkpoint: dict) -> dict[str, Any]:
+    path = Path(eval_dir) / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise IagnError(
+            f"{path} does not exist; run `iagn evaluate --model <{kind} checkpoint> --out "
+            f"{eval_dir}` first"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise IagnError(f"{path} is not valid JSON ({exc}); run `iagn evaluate` again") from None
+    if metrics.get("kind") != kind:
+        raise IagnError(f"{path} evaluates a {metrics.get('kind')} model, expected the {kind}")
+    if metrics.get("data_digest") != checkpoint["data"]["digest"]:
+        raise IagnError(
+            f"{path} was measured for another model (data digest differs from the checkpoint's);"
+            f" evaluate the {kind} checkpoint you register"
+        )
+    return metrics
+
+
+def _register_one(run: tracking.StepRun, client, config, kind: str, path: Path, eval_dir: Path):
+    """The gate, then (if passed) the registry, for one checkpoint: the outcome as a dict."""
+    from iagn.io import sha256_file
+    from iagn.registry import find_logged_model
+    from iagn.steps import register as step
+    from iagn.train.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path, kind=kind)
+    metrics = _read_metrics(eval_dir, kind, checkpoint)
+    failures = step.gate_failures(metrics, config.gate)
+    if failures:
+        return step.Outcome(kind, config.registered_name(kind), False, failures).to_dict()
+    sha = sha256_file(path)
+    with tracking.mlflow_errors(run.uri):
+        logged = find_logged_model(client, run.experiment_id, sha)
+    if logged is None:  # trained untracked or elsewhere: log it here
+        logged = _log_model(run, checkpoint, path, kind, sha)
+    candidate = step.Candidate(
+        kind=kind,
+        model_uri=logged.model_uri,
+        run_id=logged.run_id,
+        model_id=logged.model_id,
+        checkpoint_sha256=sha,
+        metrics=metrics,
+        tags={k: v for k, v in tracking.provenance_tags().items() if k.startswith("iagn.")},
+    )
+    with tracking.mlflow_errors(run.uri):
+        return step.register(client, candidate, config, run.pipeline_run_id).to_dict()
+
+
+def register(
+    student: str | Path,
+    student_eval: str | Path,
+    params: dict,
+    teacher: str | Path | None = None,
+    teacher_eval: str | Path | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Gate, then register the student (and the teacher) in a `register` run.
+
+    Returns {"passed", "outcomes": [per model: kind, model_name, gate_passed,
+    gate_failures, version, already_registered, champion, reason]}; also written to
+    `out`/register.json when `out` is given. `passed` is False when the student failed the
+    gate; the run is then marked FAILED (blocked).
+    """
+    import mlflow
+
+    from iagn.io import write_text_atomic
+    from iagn.steps import register as step
+
+    config = step.register_config(params)
+    models = [("student", Path(student), Path(student_eval))]
+    if config.register_teacher:
+        if teacher is None or teacher_eval is None:
+            raise IagnError(
+                "params.yaml register.register_teacher is true: pass the teacher checkpoint "
+                "and its evaluation folder too (--teacher, --teacher-eval)"
+            )
+        models.append(("teacher", Path(teacher), Path(teacher_eval)))
+    if not tracking.tracking_enabled():
+        raise IagnError(
+            "`iagn register` writes to the MLflow Model Registry; unset IAGN_TRACKING=off"
+        )
+    with tracking.step_run("register", params, ("register",)) as run:
+        client = mlflow.MlflowClient()
+        outcomes = [
+            _register_one(run, client, config, kind, path, eval_dir)
+            for kind, path, eval_dir in models
+        ]
+        result = {"passed": outcomes[0]["gate_passed"], "outcomes": outcomes}
+        for outcome in outcomes:
+            kind = outcome["kind"]
+            run.log_metrics({f"{kind}_gate_passed": float(outcome["gate_passed"])})
+            if outcome["version"]:
+                run.set_tags(
+                    {
+                        f"iagn.{kind}_version": f"{outcome['model_name']}/{outcome['version']}",
+                        f"iagn.{kind}_champion": str(outcome["champion"]).lower(),
+                    }
+                )
+        if out is not None:
+            target = write_text_atomic(
+                Path(out) / "register.json", json.dumps(result, indent=2) + "\n"
+            )
+            run.log_artifact(target)
+        if not result["passed"]:
+            run.block("the student failed the gate: " + "; ".join(outcomes[0]["gate_failures"]))
+    return result
