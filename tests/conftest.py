@@ -13,6 +13,8 @@ from iagn.data.synth import SynthConfig, generate
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = SynthConfig(classes=4, images_per_class=6, size=64, seed=3)
