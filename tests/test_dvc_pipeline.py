@@ -79,7 +79,7 @@ def test_repro_runs_every_stage_then_nothing(pipeline_repo: Path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     steps = {r.data.tags.get("iagn.step") for r in runs if r not in parents}
-    assert {"validate", "distill", "evaluate", "register"} <= steps
+    assert {"validate", "distill", "evaluate-teacher", "evaluate-student", "register"} <= steps
     assert {"train-stage-1", "train-stage-2", "train-stage-3"} <= steps
     assert all(
         r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
