@@ -9,6 +9,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
 
 .PHONY: help setup data demo test lint format bench image clean
 
@@ -34,11 +36,13 @@ data: setup  ## fetch the default dataset with DVC, or regenerate it (determinis
 	@$(BIN)/dvc push --quiet data.dvc
 	@$(BIN)/dvc status data.dvc
 
-demo: data  ## the main job end to end on the embedded defaults
+# The whole KFP DAG on this machine (kfp.local): fetch (dvc pull), validate, train stages
+# 1-3, distill, evaluate, gate, register `champion` in the embedded MLflow store ./mlflow.db
+# (or $MLFLOW_TRACKING_URI); run-local prints where to look at the end.
+demo: data  ## the main job end to end: the KFP pipeline run locally, a registered champion
 	$(BIN)/iagn data manifest --root data/synth --out build/manifest.csv
-	$(BIN)/iagn validate --data data/synth --params params.yaml --out build/validate
-	@echo "data validation: build/validate/summary.md; HTML Data Docs: build/validate/data_docs/index.html"
 	@echo "dataset: data/synth (tracked by data.dvc, pushed to the local DVC remote .dvcstore/)"
+	$(BIN)/iagn-pipeline run-local
 
 test: setup  ## run the test suite
 	$(BIN)/python -m pytest
@@ -51,13 +55,23 @@ format: setup  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-BENCHES := bench.validate_throughput bench.train_throughput bench.quality
+BENCHES := bench.validate_throughput bench.train_throughput bench.quality bench.kfp_overhead
 
 bench: setup  ## run the benchmarks; results land in bench/results/
 	@for bench in $(BENCHES); do echo "== $$bench"; $(BIN)/python -m $$bench || exit 1; done
 
-image:  ## build the component image with docker, podman or buildah (whichever exists)
-	@bash scripts/build_image.sh
+# The tag the pipeline compiles with by default ($IAGN_IMAGE, see components/image.py).
+IMAGE ?= $(or $(IAGN_IMAGE),ghcr.io/iagn/iagn:0.1.0)
+
+image:  ## build the component image (IMAGE=..., PUSH=1 to push it) with docker, podman or buildah
+	@IMAGE="$(IMAGE)" bash scripts/build_image.sh
+	@if [ -n "$(PUSH)" ]; then \
+	  if command -v docker >/dev/null && docker info >/dev/null 2>&1; then docker push "$(IMAGE)"; \
+	  elif command -v podman >/dev/null; then podman push "$(IMAGE)"; \
+	  elif command -v buildah >/dev/null; then buildah push --storage-driver vfs "$(IMAGE)"; \
+	  fi; \
+	fi
+	@echo "compile the pipeline for it: IAGN_IMAGE=$(IMAGE) $(BIN)/iagn-pipeline compile"
 
 clean:  ## remove build outputs (keeps .venv and data/)
 	rm -rf build .pytest_cache .ruff_cache

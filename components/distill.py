@@ -1,0 +1,44 @@
+"""distill: the finished teacher teaches the compact student (iagn.runner.distill)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def distill(
+    teacher: Input[Model],
+    dataset: Input[Dataset],
+    params: Input[Artifact],
+    tracking_uri: str,
+    experiment: str,
+    student: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Distill the stage-3 teacher into the single-head student that is served.
+
+    Args:
+        teacher: The stage-3 checkpoint.
+        dataset: The validated dataset folder.
+        params: The run's params.yaml (sections data, distill).
+        tracking_uri: MLflow tracking URI ("" = the environment's, else ./mlflow.db).
+        experiment: MLflow experiment ("" = $MLFLOW_EXPERIMENT_NAME, else iagn).
+        student: The student checkpoint.
+        metrics: The last epoch's loss and validation accuracy.
+    """
+    from components.runtime import configure_step, log_metrics, readable_errors, step_params
+    from iagn import runner
+
+    with readable_errors():
+        configure_step(tracking_uri, experiment, dataset.metadata)
+        result = runner.distill(
+            teacher=teacher.path,
+            data=dataset.path,
+            params=step_params(params.path, None),
+            out=student.path,
+            quiet=True,
+        )
+    log_metrics(metrics, result["metrics"])
+    student.metadata.update({"framework": "pytorch", "kind": "student"})
+    print(f"student: val accuracy {result['metrics'].get('val_acc', float('nan')):.3f}")

@@ -1,0 +1,396 @@
+"""What the component bodies share at run time (inside the container, or a kfp.local process).
+
+Imported inside component functions, never at compile time, and free of kfp imports.
+Everything here is glue between KFP and `iagn.runner`: params and their overrides, the
+environment MLflow and the parent-run lookup read, KFP metrics and the HTML/Markdown
+artifacts the KFP UI renders. Step logic stays in `iagn`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_KFP_RUN = "KFP_RUN_ID"
+ENV_DATA_VERSION = "IAGN_DATA_VERSION"
+TAG_FAILED_TASK = "iagn.kfp_failed_task"
+NOISY_LOGGERS = ("great_expectations", "botocore", "urllib3", "alembic", "git", "matplotlib")
+
+
+class StepFailed(Exception):
+    """A step ran and decided the pipeline must stop (validation or the gate failed)."""
+
+
+@contextlib.contextmanager
+def readable_errors() -> Iterator[None]:
+    """User errors end the task with one readable message instead of a traceback."""
+    from iagn.errors import IagnError
+
+    try:
+        yield
+    except (IagnError, StepFailed) as error:
+        print(f"iagn: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+# --- params ---------------------------------------------------------------------------------
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: `2` -> 2, `0.5` -> 0.5, `null`, `[8, 4]`."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _whole_numbers_as_ints(value: Any) -> Any:
+    """KFP passes dict parameters as protobuf Structs, whose numbers are all floats: `epochs:
+    2` arrives as 2.0. Whole numbers become ints again (an int where a float is expected is
+    harmless; a float epoch count is not)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_numbers_as_ints(item) for key, item in value.items()}
+    return value
+
+
+def apply_overrides(params: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Set each dotted key (`stage3.epochs`, `register.gate.min_top1`) in `params`.
+
+    The first part must be a section of params.yaml (a typo would otherwise train with the
+    default silently); deeper keys may be new, because e.g. a `stage2` section may override
+    any `train` key.
+    """
+    from iagn.errors import IagnError
+
+    for dotted, value in (overrides or {}).items():
+        value = _whole_numbers_as_ints(value)
+        keys = [part for part in str(dotted).split(".") if part]
+        if len(keys) < 2:
+            raise IagnError(
+                f"params override {dotted!r} must be a dotted key like stage3.epochs "
+                "(section.key); sections: " + ", ".join(sorted(params))
+            )
+        if keys[0] not in params:
+            raise IagnError(
+                f"params override {dotted!r}: params.yaml has no section {keys[0]!r}; "
+                "sections: " + ", ".join(sorted(params))
+            )
+        node = params
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise IagnError(f"params override {dotted!r}: `{where}` is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return params
+
+
+def step_params(
+    params_path: str, overrides: Mapping[str, Any] | None, model_name: str = ""
+) -> dict[str, Any]:
+    """params.yaml as fetched with the data, with the run's overrides applied."""
+    from iagn.params import load_params
+
+    params = apply_overrides(load_params(params_path), overrides)
+    if model_name:
+        params.setdefault("register", {})["model_name"] = model_name
+    return params
+
+
+# --- environment: tracking and the pipeline run ---------------------------------------------
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether a URI carries `user:password@` (never allowed in a pipeline parameter)."""
+    return "@" in urlsplit(uri).netloc
+
+
+def configure_step(tracking_uri: str, experiment: str, metadata: Mapping | None = None) -> None:
+    """The environment `iagn.tracking` reads, from the task's inputs.
+
+    KFP_RUN_ID arrives from the pod's `pipeline/runid` label (empty where a backend does not
+    set it: then this pipeline run has no shared key); run-local exports IAGN_PIPELINE_RUN.
+    """
+    from iagn.errors import IagnError
+
+    # The KFP executor logs at INFO on the root logger; these libraries would flood the log.
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not os.environ.get(ENV_KFP_RUN, "").strip():
+        os.environ.pop(ENV_KFP_RUN, None)
+    if tracking_uri:
+        if has_credentials(tracking_uri):
+            raise IagnError(
+                "the tracking_uri parameter carries credentials; pass the bare URI and put "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the Kubernetes secret"
+            )
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    if experiment:
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment
+    if metadata and metadata.get("dvc_md5"):
+        # The data version the fetched copy came from (the pod has no data.dvc to read).
+        os.environ.setdefault(ENV_DATA_VERSION, str(metadata["dvc_md5"]))
+    if ENV_KFP_RUN in os.environ and not os.environ.get("MLFLOW_TRACKING_URI"):
+        print(
+            "iagn: warning: no MLflow tracking URI in this pod (tracking_uri parameter or "
+            "MLFLOW_TRACKING_URI in the secret): runs go to a SQLite file that ends with the "
+            "pod",
+            file=sys.stderr,
+        )
+
+
+def _find_parent(client: Any, experiment: str, key: str) -> Any:
+    """The oldest active run tagged with this pipeline key (as iagn.tracking picks it)."""
+    from mlflow.entities import ViewType
+
+    from iagn import tracking
+
+    query = f"tags.`{tracking.TAG_PIPELINE_KEY}` = '{key}'"
+    runs = client.search_runs([experiment], query, run_view_type=ViewType.ACTIVE_ONLY)
+    return min(runs, key=lambda run: (run.info.start_time, run.info.run_id)) if runs else None
+
+
+def mark_pipeline_failed(reason: str, task: str = "") -> dict[str, str]:
+    """Mark this pipeline run's MLflow parent FAILED (the KFP exit handler calls this).
+
+    Step runs already fail their parent when their Python code fails; this also covers what
+    they cannot see: a pod killed for memory, an image that does not start, a failed data
+    fetch before any step run existed (then a FAILED parent is created so that the failure
+    shows in MLflow). Returns `pipeline_parent()`'s summary of the parent ({} when tracking
+    is off or this process has no pipeline key).
+    """
+    from iagn import tracking
+
+    if not tracking.tracking_enabled():
+        return {}
+    key = tracking.pipeline_key()
+    if key is None:
+        print("iagn: no pipeline run key (KFP_RUN_ID / IAGN_PIPELINE_RUN): nothing to mark")
+        return {}
+    import mlflow
+
+    uri = tracking.configure()
+    with tracking.mlflow_errors(uri):
+        client = mlflow.MlflowClient()
+        experiment = tracking.experiment_id(client)
+        parent = _find_parent(client, experiment, key[0])
+        if parent is not None:
+            run_id = parent.info.run_id
+        else:
+            tags = {
+                **tracking.provenance_tags(),
+                tracking.TAG_PIPELINE_KEY: key[0],
+                tracking.TAG_ROLE: "pipeline",
+            }
+            run_id = client.create_run(experiment, run_name=key[1], tags=tags).info.run_id
+            client.set_tag(run_id, tracking.TAG_PIPELINE_RUN, os.environ.get(ENV_KFP_RUN) or run_id)
+        client.set_tag(run_id, tracking.TAG_OUTCOME, "failed")
+        client.set_tag(run_id, tracking.TAG_ERROR, tracking.scrub_text(reason)[:5000])
+        if task:
+            client.set_tag(run_id, TAG_FAILED_TASK, task)
+        client.set_terminated(run_id, "FAILED")
+    return {"run_id": run_id, "experiment_id": experiment, "status": "FAILED", "uri": uri}
+
+
+def pipeline_parent() -> dict[str, str]:
+    """Where this pipeline run's MLflow parent is: run_id, experiment_id, status, uri.
+
+    Best effort ({} when tracking is off, there is no key or no parent, or MLflow does not
+    answer): the exit handler reports it, and a lookup must not fail a run that succeeded.
+    """
+    from iagn import tracking
+    from iagn.errors import IagnError
+
+    key = tracking.pipeline_key() if tracking.tracking_enabled() else None
+    if key is None:
+        return {}
+    try:
+        import mlflow
+
+        uri = tracking.configure()
+        with tracking.mlflow_errors(uri):
+            client = mlflow.MlflowClient()
+            experiment = tracking.experiment_id(client)
+            parent = _find_parent(client, experiment, key[0])
+    except IagnError as error:
+        print(f"iagn: warning: cannot look up the MLflow parent run: {error}", file=sys.stderr)
+        return {}
+    if parent is None:
+        return {}
+    return {
+        "run_id": parent.info.run_id,
+        "experiment_id": experiment,
+        "status": parent.info.status,
+        "uri": uri,
+    }
+
+
+# --- KFP outputs ----------------------------------------------------------------------------
+
+
+def log_metrics(artifact: Any, values: Mapping[str, Any], prefix: str = "") -> None:
+    """Finite numbers of `values` as KFP metrics (bools, strings, NaN are left out)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if math.isfinite(value):
+            artifact.log_metric(f"{prefix}{name}", float(value))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
+    lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+KEY_METRICS = (
+    "top1",
+    "top5",
+    "top1_combined",
+    "top1_two_pass",
+    "pointing_game",
+    "box_accuracy",
+    "ece",
+    "latency_ms",
+    "throughput_ips",
+    "parameters",
+    "checkpoint_mb",
+)
+
+
+def evaluation_markdown(metrics: Mapping[str, Any], gate_failures: list[str]) -> str:
+    """Key numbers of an evaluation and the registry gate's verdict, for the KFP UI."""
+    rows = [(name, metrics[name]) for name in KEY_METRICS if name in metrics]
+    verdict = "passes" if not gate_failures else "fails"
+    kind, split = metrics.get("kind", "model"), metrics.get("split", "test")
+    lines = [
+        f"# Evaluation of the {kind} ({split} split)",
+        "",
+        markdown_table(rows, ("metric", "value")),
+        "",
+        f"Registry gate (register.gate): the {kind} {verdict}.",
+    ]
+    lines += [f"- {failure}" for failure in gate_failures]
+    return "\n".join(lines) + "\n"
+
+
+def _image_tag(path: Path, title: str) -> str:
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f"<h2>{html.escape(title)}</h2>"
+        f'<img alt="{html.escape(title)}" style="max-width:100%" '
+        f'src="data:image/png;base64,{data}">'
+    )
+
+
+def evaluation_html(metrics: Mapping[str, Any], folder: str | os.PathLike) -> str:
+    """One self-contained page (images inlined): the KFP UI shows HTML artifacts in a frame."""
+    folder = Path(folder)
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(_cell(metrics[name]))}</td></tr>"
+        for name in KEY_METRICS
+        if name in metrics
+    )
+    kind = html.escape(str(metrics.get("kind", "model")))
+    parts = [
+        f"<html><head><meta charset='utf-8'><title>IAGN {kind}</title></head><body>",
+        f"<h1>IAGN {kind}: evaluation</h1>",
+        f"<table border='1' cellpadding='4'>{rows}</table>",
+        _image_tag(folder / "attention_gallery.png", "Attention gallery (map and box vs truth)"),
+        _image_tag(folder / "confusion_matrix.png", "Confusion matrix"),
+        _image_tag(folder / "reliability.png", "Reliability diagram"),
+        "</body></html>",
+    ]
+    return "\n".join(part for part in parts if part)
+
+
+def validation_html(document: Mapping[str, Any]) -> str:
+    """validation.json as one self-contained table (the full Data Docs are in `report`)."""
+    dataset = document.get("dataset", {})
+    verdict = "passed" if document.get("success") else "FAILED"
+    rows = []
+    for entry in document.get("expectations", []):
+        mark = "&#10003;" if entry.get("success") else "&#10007;"
+        examples = "<br>".join(
+            html.escape(f"{e.get('path') or e.get('class_name', '')}: {e.get('detail', '')}")
+            for e in entry.get("examples", [])[:5]
+        )
+        hint = "" if entry.get("success") else html.escape(str(entry.get("hint") or ""))
+        rows.append(
+            "<tr>"
+            f"<td>{mark}</td><td>{html.escape(str(entry.get('name')))}</td>"
+            f"<td>{html.escape(str(entry.get('level')))}</td>"
+            f"<td>{html.escape(str(entry.get('description', '')))}</td>"
+            f"<td>{html.escape(str(entry.get('observed_value', '')))}</td>"
+            f"<td>{examples}</td><td>{hint}</td>"
+            "</tr>"
+        )
+    return (
+        "<html><head><meta charset='utf-8'><title>Data validation</title></head><body>"
+        f"<h1>Data validation {verdict}</h1>"
+        f"<p>{html.escape(str(dataset.get('images', '?')))} images, "
+        f"{html.escape(str(dataset.get('classes', '?')))} classes "
+        f"({html.escape(str(dataset.get('format', '')))})</p>"
+        "<table border='1' cellpadding='4'><tr><th></th><th>expectation</th><th>level</th>"
+        "<th>requires</th><th>observed</th><th>examples</th><th>what to do</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        "<p>The Great Expectations Data Docs are in the <code>report</code> artifact "
+        "(data_docs/index.html) and in the MLflow run of this step.</p></body></html>"
+    )
+
+
+def register_markdown(result: Mapping[str, Any]) -> str:
+    lines = ["# Model registry", ""]
+    for outcome in result.get("outcomes", []):
+        name = outcome.get("model_name")
+        if not outcome.get("gate_passed"):
+            failures = "; ".join(outcome.get("gate_failures", []))
+            lines.append(f"- **{outcome.get('kind')}**: not registered, gate failed: {failures}")
+            continue
+        aliases = "champion, challenger" if outcome.get("champion") else "challenger"
+        if outcome.get("already_registered"):
+            aliases = "aliases unchanged"
+        lines.append(
+            f"- **{outcome.get('kind')}**: `{name}` version {outcome.get('version')} "
+            f"({aliases}); {outcome.get('reason', '')}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    from iagn.io import write_text_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, text)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,47 @@
+"""train-stage: one progressive IAGN stage (iagn.runner.train_stage), resuming the previous."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_stage(
+    stage: int,
+    dataset: Input[Dataset],
+    params: Input[Artifact],
+    tracking_uri: str,
+    experiment: str,
+    model: Output[Model],
+    metrics: Output[Metrics],
+    init: Input[Model] = None,
+):
+    """Train stage `stage` of the IAGN teacher from the previous stage's checkpoint.
+
+    Args:
+        stage: 1, 2 or 3.
+        dataset: The validated dataset folder.
+        params: The run's params.yaml (sections data, model, train, stageN).
+        tracking_uri: MLflow tracking URI ("" = the environment's, else ./mlflow.db).
+        experiment: MLflow experiment ("" = $MLFLOW_EXPERIMENT_NAME, else iagn).
+        model: The checkpoint (model, optimizer, history, data identity).
+        metrics: The last epoch's loss and validation accuracies.
+        init: The checkpoint of stage `stage - 1` (none for stage 1).
+    """
+    from components.runtime import configure_step, log_metrics, readable_errors, step_params
+    from iagn import runner
+
+    with readable_errors():
+        configure_step(tracking_uri, experiment, dataset.metadata)
+        result = runner.train_stage(
+            stage=stage,
+            data=dataset.path,
+            params=step_params(params.path, None),
+            out=model.path,
+            init=init.path if init is not None else None,
+            quiet=True,
+        )
+    log_metrics(metrics, result["metrics"])
+    model.metadata.update({"framework": "pytorch", "kind": "teacher", "stage": stage})
+    print(f"stage {stage}: val accuracy {result['metrics'].get('val_acc', float('nan')):.3f}")

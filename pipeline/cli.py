@@ -1,0 +1,304 @@
+"""The `iagn-pipeline` command: compile, submit and run the KFP pipeline.
+
+    iagn-pipeline compile -o iagn_pipeline.yaml [--gpu --accelerator nvidia.com/gpu ...]
+    iagn-pipeline submit --host URL [--experiment NAME] [--param key=value ...] [--token ...]
+    iagn-pipeline run-local [--param key=value ...]
+
+`--param` sets a pipeline parameter (data_rev=v1.2, experiment=cub) or, with a dotted key,
+a params.yaml override (stage3.epochs=20). User errors print one line and exit 2; a
+failed local run exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from iagn.errors import IagnError
+
+ENV_TOKEN = "IAGN_KFP_TOKEN"
+DEFAULT_PACKAGE = "iagn_pipeline.yaml"
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    return key.strip(), value.strip()
+
+
+def _toleration(text: str) -> dict[str, str]:
+    """KEY[=VALUE][:EFFECT] -> a Kubernetes toleration (no value: operator Exists)."""
+    spec, _, effect = text.partition(":")
+    key, sep, value = spec.partition("=")
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"toleration {text!r} must be KEY[=VALUE][:EFFECT]")
+    toleration = {"key": key.strip(), "operator": "Equal" if sep else "Exists"}
+    if sep:
+        toleration["value"] = value.strip()
+    if effect:
+        if effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+            raise argparse.ArgumentTypeError(
+                f"toleration effect {effect!r} must be NoSchedule, PreferNoSchedule or NoExecute"
+            )
+        toleration["effect"] = effect
+    return toleration
+
+
+def _add_compile_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compile-time options")
+    group.add_argument(
+        "--image",
+        help="component image (default: $IAGN_IMAGE, else ghcr.io/iagn/iagn:0.1.0); the "
+        "`image` parameter overrides it per run",
+    )
+    group.add_argument(
+        "--gpu",
+        action="store_true",
+        help="training and distillation request an accelerator (adds the runtime parameters "
+        "accelerator_type and gpu_count; gpu_count=0 turns the request off for one run)",
+    )
+    group.add_argument(
+        "--accelerator",
+        default="nvidia.com/gpu",
+        help="accelerator resource name, e.g. nvidia.com/gpu, amd.com/gpu (pick a GPU model "
+        "with --node-selector, e.g. cloud.google.com/gke-accelerator=nvidia-tesla-a100)",
+    )
+    group.add_argument("--gpus", type=int, default=1, help="accelerators per GPU step")
+    group.add_argument(
+        "--secret",
+        default="iagn-credentials",
+        help="Kubernetes secret with the S3 and MLflow credentials ('' = none)",
+    )
+    group.add_argument(
+        "--node-selector",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="default node selector of the GPU steps (repeatable; runtime parameter node_selector)",
+    )
+    group.add_argument(
+        "--toleration",
+        type=_toleration,
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE][:EFFECT]",
+        help="default toleration of the GPU steps (repeatable; runtime parameter tolerations)",
+    )
+    group.add_argument("--data-repo", default="", help="default of the data_repo parameter")
+    group.add_argument("--data-rev", default="", help="default of the data_rev parameter")
+    group.add_argument("--tracking-uri", default="", help="default of tracking_uri (no secrets)")
+    group.add_argument(
+        "--mlflow-experiment",
+        default="",
+        help="default of the experiment parameter ('' = $MLFLOW_EXPERIMENT_NAME, else iagn)",
+    )
+
+
+def _options(args: argparse.Namespace, retries: bool = True):
+    from components.runtime import has_credentials
+    from pipeline.dag import CompileOptions
+
+    if args.gpus < 0:
+        raise IagnError("--gpus must be 0 or more")
+    if has_credentials(args.tracking_uri):
+        raise IagnError(
+            "--tracking-uri carries credentials, which would be readable in the compiled "
+            "pipeline: pass the bare URI; credentials go into the Kubernetes secret"
+        )
+    return CompileOptions(
+        image=args.image or "",
+        gpu=args.gpu,
+        accelerator=args.accelerator,
+        gpus=args.gpus,
+        secret=args.secret,
+        node_selector=dict(args.node_selector),
+        tolerations=list(args.toleration),
+        data_repo=args.data_repo,
+        data_rev=args.data_rev,
+        tracking_uri=args.tracking_uri,
+        experiment=args.mlflow_experiment,
+        retries=retries,
+    )
+
+
+def _set_image(image: str | None) -> None:
+    # Components read IAGN_IMAGE when they are imported (pipeline.dag imports them lazily).
+    if image:
+        os.environ["IAGN_IMAGE"] = image
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipeline.dag import compile_pipeline
+
+    options = _options(args)
+    _set_image(args.image)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    compile_pipeline(args.output, options)
+    gpu = f", GPU steps request {options.accelerator}" if options.gpu else ""
+    print(f"compiled the pipeline to {args.output}{gpu}")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        try:
+            return Path(args.token_file).read_text().strip() or None
+        except OSError as exc:
+            raise IagnError(f"--token-file {args.token_file}: {exc.strerror}") from None
+    return args.token or os.environ.get(ENV_TOKEN) or None
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline.arguments import check_overrides, parse_params
+    from pipeline.dag import compile_pipeline
+    from pipeline.submit import submit, without_caching
+
+    options = _options(args)
+    _set_image(args.image)
+    arguments, overrides = parse_params(args.param, options)
+    check_overrides(overrides)
+    if overrides:
+        arguments["params_overrides"] = overrides
+    token = _token(args)
+    run_name = args.run_name or f"iagn {datetime.now():%Y-%m-%d %H:%M:%S}"
+    with tempfile.TemporaryDirectory(prefix="iagn-submit-") as tmp:
+        package = args.package
+        if package is None:
+            package = compile_pipeline(str(Path(tmp) / DEFAULT_PACKAGE), options)
+        elif not Path(package).is_file():
+            raise IagnError(f"--package {package} does not exist; run `iagn-pipeline compile`")
+        if args.no_cache:
+            package = str(without_caching(package, Path(tmp) / "no-cache.yaml"))
+        submitted = submit(
+            host=args.host,
+            package=package,
+            arguments=arguments,
+            experiment=args.experiment,
+            run_name=run_name,
+            token=token,
+            namespace=args.namespace,
+        )
+    created = " (created)" if submitted.experiment_created else ""
+    print(f"experiment  {args.experiment}{created}")
+    print(f"run id      {submitted.run_id}")
+    print(f"run URL     {submitted.url}")
+    return 0
+
+
+def cmd_run_local(args: argparse.Namespace) -> int:
+    from pipeline.warm import Zygote
+
+    # First: its imports (seconds) then run while this process imports kfp and compiles.
+    zygote = None if args.cold else Zygote.start()
+    try:
+        from pipeline.arguments import check_overrides, parse_params, shown
+        from pipeline.dag import CompileOptions
+        from pipeline.local import report, run_local
+
+        options = CompileOptions(retries=False)
+        arguments, overrides = parse_params(args.param, options)
+        check_overrides(overrides, Path(arguments.get("data_repo") or ".") / "params.yaml")
+        if overrides:
+            arguments["params_overrides"] = overrides
+        print(f"iagn-pipeline: running the DAG with kfp.local ({shown(arguments) or 'defaults'})")
+        run = run_local(arguments, args.pipeline_root, options, zygote)
+    finally:
+        if zygote is not None:
+            zygote.stop()
+    print(report(run, arguments))
+    return 0 if run.succeeded else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iagn-pipeline",
+        description="Compile, submit and run the IAGN Kubeflow pipeline (KFP v2).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compile_parser = commands.add_parser(
+        "compile", help="write the pipeline's IR YAML (pipeline + Kubernetes platform spec)"
+    )
+    compile_parser.add_argument("-o", "--output", default=DEFAULT_PACKAGE, help="YAML to write")
+    _add_compile_options(compile_parser)
+    compile_parser.set_defaults(handler=cmd_compile)
+
+    param_help = (
+        "a pipeline parameter (data_repo, data_rev, tracking_uri, experiment, model_name, "
+        "image, node_selector, tolerations, accelerator_type, gpu_count) or a dotted "
+        "params.yaml key (stage3.epochs=20); repeatable"
+    )
+    submit_parser = commands.add_parser(
+        "submit", help="start a run on a Kubeflow Pipelines cluster (kfp.Client)"
+    )
+    submit_parser.add_argument(
+        "--host", required=True, help="KFP API URL, e.g. http://localhost:8080"
+    )
+    submit_parser.add_argument(
+        "--experiment", default="iagn", help="KFP experiment (created when missing)"
+    )
+    submit_parser.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help=param_help
+    )
+    submit_parser.add_argument(
+        "--token",
+        help=f"bearer token for the KFP API (or ${ENV_TOKEN}, or --token-file); never printed",
+    )
+    submit_parser.add_argument("--token-file", help="file holding the bearer token")
+    submit_parser.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
+    submit_parser.add_argument("--run-name", help="run name (default: iagn <date time>)")
+    submit_parser.add_argument(
+        "--package", help="a compiled pipeline YAML (default: compile now with the options below)"
+    )
+    submit_parser.add_argument(
+        "--no-cache", action="store_true", help="run every task, reusing no cached result"
+    )
+    _add_compile_options(submit_parser)
+    submit_parser.set_defaults(handler=cmd_submit)
+
+    local_parser = commands.add_parser(
+        "run-local",
+        help="run the whole DAG on this machine (kfp.local, current Python environment)",
+        description="Each step runs as a subprocess of this environment, as on a cluster but "
+        "without containers. data_repo defaults to the current folder (the working copy): "
+        "`dvc pull` of the dataset from its default remote, else the folder as it is. MLflow: "
+        "MLFLOW_TRACKING_URI of the environment, else ./mlflow.db.",
+    )
+    local_parser.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help=param_help
+    )
+    local_parser.add_argument(
+        "--pipeline-root", default="build/kfp", help="where task outputs are written"
+    )
+    local_parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="start every task as a fresh interpreter (default: fork it from one that has "
+        "imported torch, MLflow and iagn already)",
+    )
+    local_parser.set_defaults(handler=cmd_run_local)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except IagnError as error:
+        print(f"iagn-pipeline: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("iagn-pipeline: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

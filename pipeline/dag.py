@@ -1,0 +1,280 @@
+"""The IAGN pipeline as a KFP v2 DAG.
+
+    resolve data revision -> fetch data (DVC) -> validate data -> train stage 1 -> 2 -> 3
+      -> distill student ---------> evaluate student --+
+      -> evaluate teacher -------------------------------+-> [gate: student passes] register
+    all inside an ExitHandler whose exit task marks the MLflow parent run FAILED on failure
+
+What is a pipeline parameter (chosen per run) and what is fixed at compile time:
+
+* parameters: data_repo, data_rev, params_overrides (dotted params.yaml keys -> values),
+  tracking_uri, experiment, model_name, image, node_selector, tolerations; with `--gpu`
+  also accelerator_type and gpu_count (0 turns the GPU request off for a run).
+* compile time (CompileOptions / `iagn-pipeline compile` flags): the defaults of those
+  parameters, whether training and distillation request an accelerator at all (KFP cannot
+  add or drop a resource request from a boolean parameter), the Kubernetes secret the
+  credentials come from, and the retry policy.
+
+Credentials never are parameters: every task reads them from the secret as environment
+variables (kfp-kubernetes `use_secret_as_env`). Every task also gets KFP_RUN_ID from its
+pod's `pipeline/runid` label, the key under which `iagn.tracking` finds or creates the
+run's MLflow parent; a label rather than a task input, so that the run id does not enter
+KFP's cache keys and an unchanged step is reused across runs.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kfp.dsl import PipelineTask
+
+PIPELINE_NAME = "iagn"
+DEFAULT_SECRET = "iagn-credentials"
+DEFAULT_ACCELERATOR = "nvidia.com/gpu"
+# The usual taint of GPU node pools (GKE, EKS, the NVIDIA GPU operator).
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+# The secret's keys, each exposed as the environment variable of the same name.
+SECRET_KEYS_REQUIRED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SECRET_KEYS_OPTIONAL = (
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+RUN_ID_ENV = "KFP_RUN_ID"
+RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
+FETCH_RETRIES = 3
+REGISTER_RETRIES = 2
+RETRY_BACKOFF = "30s"
+RETRY_BACKOFF_MAX = "600s"
+
+
+@dataclass
+class CompileOptions:
+    """Compile-time choices; the `default_*` values become the parameters' defaults."""
+
+    image: str = ""  # "" = components.image.IMAGE ($IAGN_IMAGE or the default)
+    gpu: bool = False
+    accelerator: str = DEFAULT_ACCELERATOR
+    gpus: int = 1
+    secret: str = DEFAULT_SECRET  # "" = no secret (e.g. a cluster with workload identity)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    data_repo: str = ""
+    data_rev: str = ""
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI of the step (the secret may set it)
+    experiment: str = ""  # "" = $MLFLOW_EXPERIMENT_NAME of the step, else `iagn`
+    retries: bool = True  # run-local turns them off: a working copy does not fail transiently
+
+    def resolved_tolerations(self) -> list[dict[str, Any]]:
+        if self.gpu and GPU_TOLERATION not in self.tolerations:
+            return [*self.tolerations, GPU_TOLERATION]
+        return list(self.tolerations)
+
+
+def _cluster_settings(
+    task: PipelineTask, options: CompileOptions, display_name: str, cache: bool, image: Any
+) -> PipelineTask:
+    """What every task gets: a name, caching, its image, the run id and the credentials."""
+    from kfp import kubernetes
+
+    task.set_display_name(display_name)
+    task.set_caching_options(enable_caching=cache)
+    task.set_container_image(image)
+    kubernetes.use_field_path_as_env(task, RUN_ID_ENV, RUN_ID_FIELD)
+    if options.secret:
+        kubernetes.use_secret_as_env(
+            task, options.secret, {key: key for key in SECRET_KEYS_REQUIRED}
+        )
+        kubernetes.use_secret_as_env(
+            task, options.secret, {key: key for key in SECRET_KEYS_OPTIONAL}, optional=True
+        )
+    return task
+
+
+def _retry(task: PipelineTask, options: CompileOptions, retries: int) -> PipelineTask:
+    if options.retries:
+        task.set_retry(
+            num_retries=retries,
+            backoff_duration=RETRY_BACKOFF,
+            backoff_factor=2.0,
+            backoff_max_duration=RETRY_BACKOFF_MAX,
+        )
+    return task
+
+
+def _placement(
+    task: PipelineTask,
+    node_selector: Any,
+    tolerations: Any,
+    accelerator_type: Any = None,
+    gpu_count: Any = None,
+) -> PipelineTask:
+    """Training and distillation: the node pool and, when compiled with --gpu, the GPU."""
+    from kfp import kubernetes
+
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    if accelerator_type is not None:
+        task.set_accelerator_type(accelerator_type)
+        task.set_accelerator_limit(gpu_count)
+    return task
+
+
+def _steps(options: CompileOptions, p: dict[str, Any]) -> None:
+    """The DAG; `p` holds the pipeline's parameters (channels)."""
+    from kfp import dsl
+
+    from components.distill import distill
+    from components.evaluate import evaluate
+    from components.fetch_data import fetch_data, resolve_data_revision
+    from components.on_exit import record_outcome
+    from components.register import register
+    from components.train_stage import train_stage
+    from components.validate import validate
+
+    image = p["image"]
+    tracking = {"tracking_uri": p["tracking_uri"], "experiment": p["experiment"]}
+
+    def settings(task: PipelineTask, name: str, cache: bool = True) -> PipelineTask:
+        return _cluster_settings(task, options, name, cache, image)
+
+    def place(task: PipelineTask) -> PipelineTask:
+        return _placement(
+            task,
+            p["node_selector"],
+            p["tolerations"],
+            p.get("accelerator_type"),
+            p.get("gpu_count"),
+        )
+
+    on_exit = settings(record_outcome(**tracking), "record outcome in MLflow", cache=False)
+    _retry(on_exit, options, REGISTER_RETRIES)
+    with dsl.ExitHandler(on_exit, name="iagn-steps"):
+        revision = resolve_data_revision(data_repo=p["data_repo"], data_rev=p["data_rev"])
+        # Never cached: a branch moves; fetch-data below is keyed on the commit instead.
+        _retry(settings(revision, "resolve data revision", cache=False), options, FETCH_RETRIES)
+        fetch = fetch_data(
+            data_repo=p["data_repo"],
+            revision=revision.output,
+            params_overrides=p["params_overrides"],
+        )
+        _retry(settings(fetch, "fetch data (DVC)"), options, FETCH_RETRIES)
+        data = {"dataset": fetch.outputs["dataset"], "params": fetch.outputs["params"]}
+
+        check = settings(validate(**data, **tracking), "validate data")
+        init = None
+        stages = []
+        for stage in (1, 2, 3):
+            previous = {} if init is None else {"init": init}  # stage 1 starts from scratch
+            task = train_stage(stage=stage, **data, **tracking, **previous)
+            if stage == 1:
+                task.after(check)  # the validation verdict gates training
+            place(settings(task, f"train stage {stage}"))
+            init = task.outputs["model"]
+            stages.append(task)
+        teacher = stages[-1].outputs["model"]
+        student = place(settings(distill(teacher=teacher, **data, **tracking), "distill student"))
+        teacher_eval = settings(
+            evaluate(model=teacher, **data, **tracking), "evaluate teacher (stage 3)"
+        )
+        student_eval = settings(
+            evaluate(model=student.outputs["student"], **data, **tracking), "evaluate student"
+        )
+        with dsl.If(student_eval.outputs["Output"] == "passed", name="registry-gate"):
+            registered = register(
+                student=student.outputs["student"],
+                student_evaluation=student_eval.outputs["evaluation"],
+                teacher=teacher,
+                teacher_evaluation=teacher_eval.outputs["evaluation"],
+                params=fetch.outputs["params"],
+                model_name=p["model_name"],
+                **tracking,
+            )
+            # Never cached: the registry's state (the current champion) is an input too.
+            _retry(settings(registered, "register model", cache=False), options, REGISTER_RETRIES)
+
+
+def build_pipeline(options: CompileOptions | None = None):
+    """The pipeline (a KFP GraphComponent) for these compile-time options.
+
+    No `from __future__ import annotations` in this module: KFP reads the parameter types
+    from the pipeline function's annotations, which must be types, not strings.
+    """
+    from kfp import dsl
+
+    from components.image import IMAGE
+
+    options = options or CompileOptions()
+    image_default = options.image or IMAGE
+    tolerations_default = options.resolved_tolerations()
+    node_selector_default = dict(options.node_selector)
+    description = (
+        "IAGN: fetch data (DVC), validate, train stages 1-3, distill, evaluate, gate, register "
+        "(MLflow)" + (f"; GPU steps request {options.accelerator}" if options.gpu else "")
+    )
+
+    if options.gpu:
+
+        @dsl.pipeline(name=PIPELINE_NAME, description=description)
+        def iagn_pipeline(
+            data_repo: str = options.data_repo,
+            data_rev: str = options.data_rev,
+            params_overrides: dict = {},  # noqa: B006 - KFP reads defaults from the signature
+            tracking_uri: str = options.tracking_uri,
+            experiment: str = options.experiment,
+            model_name: str = "",
+            image: str = image_default,
+            node_selector: dict = node_selector_default,
+            tolerations: list = tolerations_default,
+            accelerator_type: str = options.accelerator,
+            gpu_count: int = options.gpus,
+        ):
+            _steps(options, locals())
+
+    else:
+
+        @dsl.pipeline(name=PIPELINE_NAME, description=description)
+        def iagn_pipeline(
+            data_repo: str = options.data_repo,
+            data_rev: str = options.data_rev,
+            params_overrides: dict = {},  # noqa: B006 - KFP reads defaults from the signature
+            tracking_uri: str = options.tracking_uri,
+            experiment: str = options.experiment,
+            model_name: str = "",
+            image: str = image_default,
+            node_selector: dict = node_selector_default,
+            tolerations: list = tolerations_default,
+        ):
+            _steps(options, locals())
+
+    return iagn_pipeline
+
+
+def parameter_names(options: CompileOptions | None = None) -> list[str]:
+    """The pipeline's parameter names (what `--param name=value` may set besides params keys)."""
+    names = [
+        "data_repo",
+        "data_rev",
+        "params_overrides",
+        "tracking_uri",
+        "experiment",
+        "model_name",
+        "image",
+        "node_selector",
+        "tolerations",
+    ]
+    if options is not None and options.gpu:
+        names += ["accelerator_type", "gpu_count"]
+    return names
+
+
+def compile_pipeline(path: str, options: CompileOptions | None = None) -> str:
+    """Write the pipeline's IR YAML (pipeline spec + Kubernetes platform spec) to `path`."""
+    from kfp import compiler
+
+    compiler.Compiler().compile(build_pipeline(options), path)
+    return path

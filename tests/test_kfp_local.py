@@ -1,0 +1,208 @@
+"""`iagn-pipeline run-local`: the whole KFP DAG on this machine, tracked in a real MLflow server.
+
+One end-to-end run (kfp.local SubprocessRunner, every component in its own process) on a
+tiny DVC-tracked project: it must leave a registered `champion`, one MLflow parent run with a
+nested run per step, and the KFP outputs. Around it, the parts a cluster would exercise:
+the exit handler marking a parent FAILED, fetching a git revision with `dvc get`, params
+overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+from helpers import BIN, dvc, iagn, run
+from mlflow_server import SECRETS, TRACKING_PASSWORD, TRACKING_USER, mlflow_server
+from test_dvc_pipeline import tiny_pipeline_params
+
+from components import datafetch
+from components.runtime import apply_overrides, mark_pipeline_failed
+from iagn.errors import IagnError
+from iagn.params import load_params
+from iagn.tracking import dvc_data_version
+
+__all__ = ["mlflow_server"]  # the session's MLflow server fixture, used below
+
+EXPERIMENT = "iagn-kfp-local"
+MODEL = "iagn-kfp-test"
+STEP_RUNS = {
+    "validate",
+    "train-stage-1",
+    "train-stage-2",
+    "train-stage-3",
+    "distill",
+    "evaluate-teacher",
+    "evaluate-student",
+    "register",
+}
+OPEN_GATE = (
+    "register.gate.min_top1=0",
+    "register.gate.min_pointing_game=0",
+    "register.gate.max_latency_ms=60000",
+)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC project with the tiny configuration and its dataset pushed to a remote."""
+    base = tmp_path_factory.mktemp("kfp-local")
+    root = base / "project"
+    root.mkdir()
+    params = tiny_pipeline_params(load_params(REPO_ROOT / "params.yaml"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "--quiet", "-b", "main"], cwd=root)
+    iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=root)
+    dvc("init", "--quiet", cwd=root)
+    dvc("remote", "add", "-d", "store", str(base / "dvc-store"), cwd=root)
+    dvc("add", "--quiet", "data", cwd=root)
+    dvc("push", "--quiet", cwd=root)
+    run(["git", "add", "-A"], cwd=root)
+    run(["git", "commit", "--quiet", "-m", "tiny project"], cwd=root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_run(project, mlflow_server):
+    """`iagn-pipeline run-local` once, its credentials in the environment only."""
+    env = mlflow_server.env(EXPERIMENT)
+    params = [f"--param={item}" for item in OPEN_GATE]
+    result = run(
+        [
+            BIN / "iagn-pipeline",
+            "run-local",
+            f"--param=model_name={MODEL}",
+            f"--param=experiment={EXPERIMENT}",
+            *params,
+        ],
+        cwd=project,
+        env=env,
+        check=False,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    return result
+
+
+def test_run_local_registers_a_champion_under_one_parent_run(local_run, mlflow_server):
+    out = local_run.stdout
+    assert "kfp.local run succeeded" in out
+    assert f"registered       models:/{MODEL}@champion (version 1, student)" in out
+    for secret in SECRETS:
+        assert secret not in out + local_run.stderr, "a credential reached the console"
+
+    client = mlflow_server.client()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("iagn.role") == "pipeline"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["iagn.pipeline_key"].startswith("pipeline:kfp-local-")
+    steps = {
+        r.info.run_name: r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(steps) == STEP_RUNS
+    assert {r.info.status for r in steps.values()} == {"FINISHED"}
+    # The dataset version comes with the fetched data (the steps see no data.dvc).
+    assert steps["train-stage-1"].data.tags["iagn.dvc_data_version"].endswith(".dir")
+
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert version.run_id == steps["distill"].info.run_id
+    assert version.tags["iagn.pipeline_run_id"] == parent.info.run_id
+
+
+def test_run_local_leaves_the_kfp_outputs(local_run, project):
+    run_dirs = sorted((project / "build" / "kfp").glob("iagn-*"))
+    assert len(run_dirs) == 1
+    outputs = run_dirs[0]
+    params = yaml.safe_load((outputs / "fetch-data" / "params").read_text())
+    assert params["register"]["gate"]["min_top1"] == 0  # the overrides, as ints again
+    assert (outputs / "fetch-data" / "dataset" / "images.txt").is_file()
+    assert (outputs / "validate" / "report" / "data_docs" / "index.html").is_file()
+    assert "Data validation passed" in (outputs / "validate" / "checks").read_text()
+    reports = {
+        json.loads((p / "metrics.json").read_text())["kind"]: p.parent
+        for p in outputs.glob("evaluate*/evaluation")
+    }
+    assert set(reports) == {"teacher", "student"}
+    html = (reports["student"] / "report").read_text()
+    assert "Attention gallery" in html and "data:image/png;base64," in html
+    assert "the student passes" in (reports["student"] / "summary").read_text()
+    decision = json.loads((outputs / "register" / "result" / "register.json").read_text())
+    assert decision["passed"] and decision["outcomes"][0]["champion"]
+
+
+def test_exit_handler_marks_the_parent_failed(mlflow_server, monkeypatch):
+    env = mlflow_server.env(EXPERIMENT, IAGN_PIPELINE_RUN="kfp-exit-handler-test")
+    env["MLFLOW_TRACKING_URI"] = mlflow_server.url  # credentials below, not in the URI
+    env["MLFLOW_TRACKING_USERNAME"] = TRACKING_USER
+    env["MLFLOW_TRACKING_PASSWORD"] = TRACKING_PASSWORD
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("KFP_RUN_ID", raising=False)
+    reason = "KFP: exit-handler-1 ended FAILED: train-stage-2 OOMKilled"
+    # A failure before any step run (e.g. fetch-data): the FAILED parent is created.
+    marked = mark_pipeline_failed(reason, "exit-handler-1")
+    run_id = marked["run_id"]
+    assert marked["status"] == "FAILED" and marked["uri"] == mlflow_server.url
+    again = mark_pipeline_failed(reason, "exit-handler-1")
+    assert again["run_id"] == run_id  # found, not created again
+    parent = mlflow_server.client().get_run(run_id)
+    assert parent.info.status == "FAILED"
+    tags = parent.data.tags
+    assert tags["iagn.role"] == "pipeline" and tags["iagn.outcome"] == "failed"
+    assert tags["iagn.error"] == reason and tags["iagn.kfp_failed_task"] == "exit-handler-1"
+    assert tags["iagn.pipeline_key"] == "pipeline:kfp-exit-handler-test"
+
+
+def test_fetch_a_git_revision_with_dvc_get(project, tmp_path):
+    url = f"file://{project}"
+    head = run(["git", "rev-parse", "HEAD"], cwd=project).stdout.strip()
+    assert datafetch.resolve_revision(url, "main") == head
+    assert datafetch.resolve_revision(str(project), "HEAD") == head
+    assert datafetch.resolve_revision(str(project), "").startswith(f"working-copy:{head}:")
+    fetched = datafetch.fetch(
+        url, head, {"stage3.epochs": 2.0}, tmp_path / "dataset", tmp_path / "params.yaml"
+    )
+    assert (fetched.dataset / "images.txt").is_file()
+    assert fetched.metadata["images"] == 32
+    assert fetched.metadata["dvc_md5"] == dvc_data_version(project / "data.dvc")
+    assert fetched.metadata["source"] == "dvc get" and fetched.metadata["revision"] == head
+    assert load_params(fetched.params)["stage3"]["epochs"] == 2
+    with pytest.raises(IagnError, match="not a branch or tag"):
+        datafetch.resolve_revision(url, "no-such-branch")
+
+
+def test_params_overrides():
+    params = {"stage2": {"epochs": 1}, "register": {"gate": {"min_top1": 0.5}}}
+    apply_overrides(params, {"stage2.lr_head": 0.005, "register.gate.min_top1": 0.0})
+    apply_overrides(params, {"stage2.epochs": 3.0})  # KFP's Struct numbers are floats
+    assert params == {
+        "stage2": {"epochs": 3, "lr_head": 0.005},
+        "register": {"gate": {"min_top1": 0}},
+    }
+    assert isinstance(params["stage2"]["epochs"], int)
+    with pytest.raises(IagnError, match="no section 'stage9'"):
+        apply_overrides(params, {"stage9.epochs": 1})
+    with pytest.raises(IagnError, match="dotted key"):
+        apply_overrides(params, {"epochs": 1})
+
+
+def test_the_task_client_falls_back_to_the_plain_interpreter(tmp_path):
+    """Without a zygote (or for a command it does not serve) a task still runs, uncached."""
+    from pipeline.warm import CLIENT
+
+    client = tmp_path / "python"
+    client.write_text(CLIENT.format(python=sys.executable, socket=str(tmp_path / "none.sock")))
+    client.chmod(0o755)
+    served = run([client, "-m", "platform"], cwd=tmp_path)  # a `-m` task: zygote, else plain
+    assert "Linux" in served.stdout
+    plain = run([client, "-c", "import sys; print(sys.argv[1:])", "x"], cwd=tmp_path)
+    assert plain.stdout.strip() == "['x']"
