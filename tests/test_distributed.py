@@ -47,7 +47,9 @@ def test_two_process_ddp_training(tiny_synth: Path, tmp_path: Path):
         env={"OMP_NUM_THREADS": "1"},
     )
     assert result.stdout.count("stage 1 done") == 1  # only rank 0 reports
-    assert sorted(p.name for p in out_dir.iterdir()) == ["s1.pt"]  # only rank 0 writes
+    # Only rank 0 writes: the checkpoint and its history/metrics files, nothing per rank.
+    written = sorted(p.name for p in out_dir.iterdir())
+    assert written == ["s1.history.json", "s1.metrics.json", "s1.pt"]
     checkpoint = load_checkpoint(out_dir / "s1.pt")
     assert checkpoint["train_config"]["world_size"] == 2
     losses = [row["loss"] for row in checkpoint["history"]]
