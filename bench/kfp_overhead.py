@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "kfp_tasks": tasks,
     }
     verdict = "meets" if ratio <= TARGET else "misses"
+    spread = list(times.items())
     rows = [
         f"| direct: iagn.runner steps in one process | {direct:.1f} | 1.00x |",
         f"| kfp: `iagn-pipeline run-local` ({tasks} tasks, preloaded interpreter) | "
@@ -216,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"`run-local` / direct: **{ratio:.2f}x** (target <= {TARGET:.2f}x: {verdict} it); "
             f"{best['kfp'] - direct:.1f} s more for {tasks} tasks, DVC fetch and copy included.",
+            "All runs (s): "
+            + "; ".join(f"{arm} {', '.join(f'{v:.1f}' for v in runs)}" for arm, runs in spread)
+            + ". The machine may be shared: a slow outlier is other load, hence the best of each.",
             "",
             f"A fresh process importing what a component needs (`{IMPORTS}`) takes "
             f"{startup:.1f} s here, and its teardown about 2 s more: plain kfp.local pays both "
