@@ -146,6 +146,9 @@ def _run_task(argv: list[str]) -> int:
     """`python -m <module> <args>` in this (forked) process."""
     module = argv[1]
     sys.argv = [module, *argv[2:]]
+    # Preloaded for its imports; runpy executes it afresh as __main__ (and warns if it is
+    # still in sys.modules).
+    sys.modules.pop(module, None)
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as exc:
