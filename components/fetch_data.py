@@ -13,7 +13,7 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def resolve_data_revision(data_repo: str, data_rev: str) -> str:
-    """The commit of the data repository to fetch (iagn's components.datafetch).
+    """The commit of the data repository to fetch (iagn.steps.fetch_data).
 
     Args:
         data_repo: Git URL of the project repository (params.yaml, data.dvc, DVC remote),
@@ -24,8 +24,8 @@ def resolve_data_revision(data_repo: str, data_rev: str) -> str:
     Returns:
         A 40-character commit, or `working-copy:<HEAD>:<data.dvc md5>` for a working copy.
     """
-    from components.datafetch import resolve_revision
     from components.runtime import readable_errors
+    from iagn.steps.fetch_data import resolve_revision
 
     with readable_errors():
         revision = resolve_revision(data_repo, data_rev)
@@ -50,8 +50,8 @@ def fetch_data(
         dataset: The dataset folder (`data.root` of params.yaml), in its own layout.
         params: params.yaml as every later step reads it.
     """
-    from components.datafetch import fetch
     from components.runtime import readable_errors
+    from iagn.steps.fetch_data import fetch
 
     with readable_errors():
         fetched = fetch(data_repo, revision, params_overrides, dataset.path, params.path)

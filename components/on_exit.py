@@ -20,17 +20,13 @@ def record_outcome(status: dsl.PipelineTaskFinalStatus, tracking_uri: str, exper
     """
     import json
 
-    from components.runtime import (
-        configure_step,
-        mark_pipeline_failed,
-        pipeline_parent,
-        readable_errors,
-    )
+    from components.runtime import configure_step, readable_errors
+    from iagn.tracking import describe_pipeline_parent, mark_pipeline_failed
 
     with readable_errors():
         configure_step(tracking_uri, experiment)
         if status.state == "SUCCEEDED":
-            parent = pipeline_parent()
+            parent = describe_pipeline_parent()
             print(f"pipeline steps succeeded; MLflow parent run {parent.get('run_id', '(none)')}")
         else:
             reason = f"KFP: {status.pipeline_task_name} ended {status.state}"

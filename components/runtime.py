@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 
 ENV_KFP_RUN = "KFP_RUN_ID"
 ENV_DATA_VERSION = "IAGN_DATA_VERSION"
-TAG_FAILED_TASK = "iagn.kfp_failed_task"
 NOISY_LOGGERS = ("great_expectations", "botocore", "urllib3", "alembic", "git", "matplotlib")
 
 
@@ -46,69 +45,11 @@ def readable_errors() -> Iterator[None]:
 # --- params ---------------------------------------------------------------------------------
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value as YAML reads it: `2` -> 2, `0.5` -> 0.5, `null`, `[8, 4]`."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _whole_numbers_as_ints(value: Any) -> Any:
-    """KFP passes dict parameters as protobuf Structs, whose numbers are all floats: `epochs:
-    2` arrives as 2.0. Whole numbers become ints again (an int where a float is expected is
-    harmless; a float epoch count is not)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, list):
-        return [_whole_numbers_as_ints(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _whole_numbers_as_ints(item) for key, item in value.items()}
-    return value
-
-
-def apply_overrides(params: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Set each dotted key (`stage3.epochs`, `register.gate.min_top1`) in `params`.
-
-    The first part must be a section of params.yaml (a typo would otherwise train with the
-    default silently); deeper keys may be new, because e.g. a `stage2` section may override
-    any `train` key.
-    """
-    from iagn.errors import IagnError
-
-    for dotted, value in (overrides or {}).items():
-        value = _whole_numbers_as_ints(value)
-        keys = [part for part in str(dotted).split(".") if part]
-        if len(keys) < 2:
-            raise IagnError(
-                f"params override {dotted!r} must be a dotted key like stage3.epochs "
-                "(section.key); sections: " + ", ".join(sorted(params))
-            )
-        if keys[0] not in params:
-            raise IagnError(
-                f"params override {dotted!r}: params.yaml has no section {keys[0]!r}; "
-                "sections: " + ", ".join(sorted(params))
-            )
-        node = params
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            if not isinstance(child, dict):
-                where = ".".join(keys[: depth + 1])
-                raise IagnError(f"params override {dotted!r}: `{where}` is a value, not a section")
-            node = child
-        node[keys[-1]] = value
-    return params
-
-
 def step_params(
     params_path: str, overrides: Mapping[str, Any] | None, model_name: str = ""
 ) -> dict[str, Any]:
     """params.yaml as fetched with the data, with the run's overrides applied."""
-    from iagn.params import load_params
+    from iagn.params import apply_overrides, load_params
 
     params = apply_overrides(load_params(params_path), overrides)
     if model_name:
@@ -158,92 +99,6 @@ def configure_step(tracking_uri: str, experiment: str, metadata: Mapping | None 
         )
 
 
-def _find_parent(client: Any, experiment: str, key: str) -> Any:
-    """The oldest active run tagged with this pipeline key (as iagn.tracking picks it)."""
-    from mlflow.entities import ViewType
-
-    from iagn import tracking
-
-    query = f"tags.`{tracking.TAG_PIPELINE_KEY}` = '{key}'"
-    runs = client.search_runs([experiment], query, run_view_type=ViewType.ACTIVE_ONLY)
-    return min(runs, key=lambda run: (run.info.start_time, run.info.run_id)) if runs else None
-
-
-def mark_pipeline_failed(reason: str, task: str = "") -> dict[str, str]:
-    """Mark this pipeline run's MLflow parent FAILED (the KFP exit handler calls this).
-
-    Step runs already fail their parent when their Python code fails; this also covers what
-    they cannot see: a pod killed for memory, an image that does not start, a failed data
-    fetch before any step run existed (then a FAILED parent is created so that the failure
-    shows in MLflow). Returns `pipeline_parent()`'s summary of the parent ({} when tracking
-    is off or this process has no pipeline key).
-    """
-    from iagn import tracking
-
-    if not tracking.tracking_enabled():
-        return {}
-    key = tracking.pipeline_key()
-    if key is None:
-        print("iagn: no pipeline run key (KFP_RUN_ID / IAGN_PIPELINE_RUN): nothing to mark")
-        return {}
-    import mlflow
-
-    uri = tracking.configure()
-    with tracking.mlflow_errors(uri):
-        client = mlflow.MlflowClient()
-        experiment = tracking.experiment_id(client)
-        parent = _find_parent(client, experiment, key[0])
-        if parent is not None:
-            run_id = parent.info.run_id
-        else:
-            tags = {
-                **tracking.provenance_tags(),
-                tracking.TAG_PIPELINE_KEY: key[0],
-                tracking.TAG_ROLE: "pipeline",
-            }
-            run_id = client.create_run(experiment, run_name=key[1], tags=tags).info.run_id
-            client.set_tag(run_id, tracking.TAG_PIPELINE_RUN, os.environ.get(ENV_KFP_RUN) or run_id)
-        client.set_tag(run_id, tracking.TAG_OUTCOME, "failed")
-        client.set_tag(run_id, tracking.TAG_ERROR, tracking.scrub_text(reason)[:5000])
-        if task:
-            client.set_tag(run_id, TAG_FAILED_TASK, task)
-        client.set_terminated(run_id, "FAILED")
-    return {"run_id": run_id, "experiment_id": experiment, "status": "FAILED", "uri": uri}
-
-
-def pipeline_parent() -> dict[str, str]:
-    """Where this pipeline run's MLflow parent is: run_id, experiment_id, status, uri.
-
-    Best effort ({} when tracking is off, there is no key or no parent, or MLflow does not
-    answer): the exit handler reports it, and a lookup must not fail a run that succeeded.
-    """
-    from iagn import tracking
-    from iagn.errors import IagnError
-
-    key = tracking.pipeline_key() if tracking.tracking_enabled() else None
-    if key is None:
-        return {}
-    try:
-        import mlflow
-
-        uri = tracking.configure()
-        with tracking.mlflow_errors(uri):
-            client = mlflow.MlflowClient()
-            experiment = tracking.experiment_id(client)
-            parent = _find_parent(client, experiment, key[0])
-    except IagnError as error:
-        print(f"iagn: warning: cannot look up the MLflow parent run: {error}", file=sys.stderr)
-        return {}
-    if parent is None:
-        return {}
-    return {
-        "run_id": parent.info.run_id,
-        "experiment_id": experiment,
-        "status": parent.info.status,
-        "uri": uri,
-    }
-
-
 # --- KFP outputs ----------------------------------------------------------------------------
 
 
@@ -268,24 +123,16 @@ def markdown_table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
-KEY_METRICS = (
-    "top1",
-    "top5",
-    "top1_combined",
-    "top1_two_pass",
-    "pointing_game",
-    "box_accuracy",
-    "ece",
-    "latency_ms",
-    "throughput_ips",
-    "parameters",
-    "checkpoint_mb",
-)
+def _key_metrics() -> tuple[str, ...]:
+    """The headline numbers: the ones the registry also puts on a model version."""
+    from iagn.steps.register import VERSION_METRICS
+
+    return VERSION_METRICS
 
 
 def evaluation_markdown(metrics: Mapping[str, Any], gate_failures: list[str]) -> str:
     """Key numbers of an evaluation and the registry gate's verdict, for the KFP UI."""
-    rows = [(name, metrics[name]) for name in KEY_METRICS if name in metrics]
+    rows = [(name, metrics[name]) for name in _key_metrics() if name in metrics]
     verdict = "passes" if not gate_failures else "fails"
     kind, split = metrics.get("kind", "model"), metrics.get("split", "test")
     lines = [
@@ -315,7 +162,7 @@ def evaluation_html(metrics: Mapping[str, Any], folder: str | os.PathLike) -> st
     folder = Path(folder)
     rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(_cell(metrics[name]))}</td></tr>"
-        for name in KEY_METRICS
+        for name in _key_metrics()
         if name in metrics
     )
     kind = html.escape(str(metrics.get("kind", "model")))

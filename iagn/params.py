@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,57 @@ def section(params: dict[str, Any], *keys: str) -> dict[str, Any]:
     if not isinstance(node, dict):
         raise IagnError(f"params.yaml `{'.'.join(keys)}` must be a mapping")
     return node
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: `2` -> 2, `0.5` -> 0.5, `null`, `[8, 4]`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _whole_numbers_as_ints(value: Any) -> Any:
+    """KFP passes dict parameters as protobuf Structs, whose numbers are all floats: `epochs:
+    2` arrives as 2.0. Whole numbers become ints again (an int where a float is expected is
+    harmless; a float epoch count is not)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers_as_ints(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _whole_numbers_as_ints(item) for key, item in value.items()}
+    return value
+
+
+def apply_overrides(params: dict[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Set each dotted key (`stage3.epochs`, `register.gate.min_top1`) in `params`.
+
+    The first part must be a section of params.yaml (a typo would otherwise train with the
+    default silently); deeper keys may be new, because e.g. a `stage2` section may override
+    any `train` key.
+    """
+    for dotted, value in (overrides or {}).items():
+        value = _whole_numbers_as_ints(value)
+        keys = [part for part in str(dotted).split(".") if part]
+        if len(keys) < 2:
+            raise IagnError(
+                f"params override {dotted!r} must be a dotted key like stage3.epochs "
+                "(section.key); sections: " + ", ".join(sorted(params))
+            )
+        if keys[0] not in params:
+            raise IagnError(
+                f"params override {dotted!r}: params.yaml has no section {keys[0]!r}; "
+                "sections: " + ", ".join(sorted(params))
+            )
+        node = params
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[: depth + 1])
+                raise IagnError(f"params override {dotted!r}: `{where}` is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+    return params

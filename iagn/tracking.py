@@ -53,6 +53,7 @@ import json
 import os
 import re
 import socket
+import sys
 import urllib.error
 import urllib.request
 import warnings
@@ -79,6 +80,7 @@ TAG_PIPELINE_RUN = "iagn.pipeline_run_id"
 TAG_DATA_DIGEST = "iagn.data_digest"
 TAG_OUTCOME = "iagn.outcome"
 TAG_ERROR = "iagn.error"
+TAG_FAILED_TASK = "iagn.kfp_failed_task"
 
 # MLflow caps a dataset digest at 36 characters; the full manifest sha256 is a run tag.
 DATASET_DIGEST_CHARS = 32
@@ -233,28 +235,29 @@ def pipeline_key() -> tuple[str, str] | None:
 # --- runs -----------------------------------------------------------------------------------
 
 
-def _pipeline_parent(client, experiment: str, key: str, name: str, tags: dict) -> str:
-    """Find the parent tagged `key`, or create it; concurrent creators agree on the oldest."""
+def find_pipeline_parent(client, experiment: str, key: str):
+    """The parent run tagged with pipeline `key` (the oldest active one), or None."""
     from mlflow.entities import ViewType
 
     query = f"tags.`{TAG_PIPELINE_KEY}` = '{key}'"
+    runs = client.search_runs(
+        [experiment], query, run_view_type=ViewType.ACTIVE_ONLY, max_results=20
+    )
+    return min(runs, key=lambda run: (run.info.start_time, run.info.run_id)) if runs else None
 
-    def matching() -> list:
-        runs = client.search_runs(
-            [experiment], query, run_view_type=ViewType.ACTIVE_ONLY, max_results=20
-        )
-        return sorted(runs, key=lambda run: (run.info.start_time, run.info.run_id))
 
-    found = matching()
-    if found:
-        return found[0].info.run_id
+def _pipeline_parent(client, experiment: str, key: str, name: str, tags: dict) -> str:
+    """Find the parent tagged `key`, or create it; concurrent creators agree on the oldest."""
+    found = find_pipeline_parent(client, experiment, key)
+    if found is not None:
+        return found.info.run_id
     created = client.create_run(
         experiment, run_name=name, tags={**tags, TAG_PIPELINE_KEY: key, TAG_ROLE: "pipeline"}
     )
     run_id = created.info.run_id
     client.set_tag(run_id, TAG_PIPELINE_RUN, os.environ.get(ENV_KFP_RUN) or run_id)
-    found = matching()
-    winner = found[0].info.run_id if found else run_id
+    found = find_pipeline_parent(client, experiment, key)
+    winner = found.info.run_id if found is not None else run_id
     if winner != run_id:
         client.delete_run(run_id)  # another step of this pipeline created the parent first
     return winner
@@ -268,6 +271,64 @@ def pipeline_parent(client, experiment: str, tags: dict | None = None) -> str | 
     if key is None:
         return None
     return _pipeline_parent(client, experiment, key[0], key[1], tags or provenance_tags())
+
+
+def mark_pipeline_failed(reason: str, task: str = "") -> dict[str, str]:
+    """Mark this process's pipeline parent run FAILED, creating it if no step did.
+
+    For what step runs cannot see themselves (the KFP exit handler calls this): a pod
+    killed for memory, an image that does not start, a failed data fetch before any step
+    run existed. Returns the parent as `describe_pipeline_parent` does ({} when tracking
+    is off or this process belongs to no pipeline).
+    """
+    if not tracking_enabled():
+        return {}
+    if pipeline_key() is None:
+        print("iagn: no pipeline run key (KFP_RUN_ID / IAGN_PIPELINE_RUN): nothing to mark")
+        return {}
+    import mlflow
+
+    uri = configure()
+    with mlflow_errors(uri):
+        client = mlflow.MlflowClient()
+        experiment = experiment_id(client)
+        run_id = pipeline_parent(client, experiment)
+        client.set_tag(run_id, TAG_OUTCOME, "failed")
+        client.set_tag(run_id, TAG_ERROR, scrub_text(reason)[:5000])
+        if task:
+            client.set_tag(run_id, TAG_FAILED_TASK, task)
+        client.set_terminated(run_id, "FAILED")
+    return {"run_id": run_id, "experiment_id": experiment, "status": "FAILED", "uri": uri}
+
+
+def describe_pipeline_parent() -> dict[str, str]:
+    """Where this pipeline run's MLflow parent is: run_id, experiment_id, status, uri.
+
+    Best effort ({} when tracking is off, there is no key or no parent, or MLflow does not
+    answer): the exit handler reports it, and a lookup must not fail a run that succeeded.
+    """
+    key = pipeline_key() if tracking_enabled() else None
+    if key is None:
+        return {}
+    try:
+        import mlflow
+
+        uri = configure()
+        with mlflow_errors(uri):
+            client = mlflow.MlflowClient()
+            experiment = experiment_id(client)
+            parent = find_pipeline_parent(client, experiment, key[0])
+    except IagnError as error:
+        print(f"iagn: warning: cannot look up the MLflow parent run: {error}", file=sys.stderr)
+        return {}
+    if parent is None:
+        return {}
+    return {
+        "run_id": parent.info.run_id,
+        "experiment_id": experiment,
+        "status": parent.info.status,
+        "uri": uri,
+    }
 
 
 def _resolve_parent(client, experiment: str, tags: dict) -> tuple[str | None, bool]:

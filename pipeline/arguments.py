@@ -40,7 +40,8 @@ def parse_params(
     items: Sequence[str], options: CompileOptions | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(pipeline arguments, params.yaml overrides) from `key=value` strings."""
-    from components.runtime import has_credentials, parse_value
+    from components.runtime import has_credentials
+    from iagn.params import parse_value
 
     names = parameter_names(options)
     arguments: dict[str, Any] = {}
@@ -85,8 +86,7 @@ def parse_params(
 
 def check_overrides(overrides: dict[str, Any], params_file: str | Path = "params.yaml") -> None:
     """Fail early on an override the steps would reject (when params.yaml is at hand)."""
-    from components.runtime import apply_overrides
-    from iagn.params import load_params
+    from iagn.params import apply_overrides, load_params
 
     if overrides and Path(params_file).is_file():
         apply_overrides(copy.deepcopy(load_params(params_file)), overrides)

@@ -58,7 +58,7 @@ PRELOAD = (
     "iagn.steps.evaluate",
     "iagn.steps.register",
     "components.runtime",
-    "components.datafetch",
+    "iagn.steps.fetch_data",
 )
 
 CLIENT = """\

@@ -4,7 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image="${IMAGE:-iagn:latest}"
-args=(--build-arg "TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" -t "$image" .)
+commit="$(git rev-parse HEAD 2>/dev/null || true)"
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+  echo "warning: uncommitted changes are built in, but runs will name commit ${commit}" >&2
+fi
+args=(--build-arg "TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  --build-arg "IAGN_GIT_COMMIT=${commit}" -t "$image" .)
 if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   echo "building $image with docker"; exec docker build "${args[@]}"
 elif command -v podman >/dev/null; then

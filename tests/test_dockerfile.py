@@ -65,3 +65,28 @@ def test_make_image_says_when_no_engine_exists(tmp_path: Path):
     )
     assert result.returncode == 1
     assert "no container engine found: install docker, podman or buildah" in result.stderr
+
+
+def test_make_image_stamps_the_git_commit_into_the_image(tmp_path: Path):
+    """The image's runs name the commit they were built from (no checkout in a container)."""
+    assert 'ARG IAGN_GIT_COMMIT=""' in DOCKERFILE.read_text()
+    assert "IAGN_GIT_COMMIT=${IAGN_GIT_COMMIT}" in DOCKERFILE.read_text()
+    for tool in ("dirname", "git"):
+        os.symlink(shutil.which(tool), tmp_path / tool)
+    engine = tmp_path / "podman"  # stands in for the engine: prints what it was asked to do
+    engine.write_text('#!/bin/sh\necho "podman $*"\n')
+    engine.chmod(0o755)
+    result = subprocess.run(
+        ["/bin/bash", str(REPO_ROOT / "scripts" / "build_image.sh")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+        env={"PATH": str(tmp_path), "IMAGE": "registry.example/iagn:test"},
+    )
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=REPO_ROOT
+    ).stdout.strip()
+    assert "building registry.example/iagn:test with podman" in result.stdout
+    assert f"--build-arg IAGN_GIT_COMMIT={head}" in result.stdout
+    assert "-t registry.example/iagn:test" in result.stdout

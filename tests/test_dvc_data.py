@@ -5,11 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import boto3
 import pytest
 from conftest import REPO_ROOT
-from helpers import dvc, free_port, iagn, run, tree_bytes
-from moto.server import ThreadedMotoServer
+from helpers import dvc, iagn, run, tree_bytes
 
 UP_TO_DATE = "Data and pipelines are up to date."
 
@@ -55,30 +53,19 @@ def test_data_dvc_tracks_the_regenerated_default_dataset(project_clone: Path, tm
     assert UP_TO_DATE in dvc("status", "data.dvc", cwd=second).stdout
 
 
-@pytest.fixture
-def s3_server():
-    """A real S3-compatible server (moto) on 127.0.0.1 with one bucket."""
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    credentials = {"aws_access_key_id": "AKIATESTIAGN", "aws_secret_access_key": "s3cr3t-iagn"}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials).create_bucket(
-        Bucket="iagn-data"
-    )
-    yield endpoint, credentials
-    server.stop()
-
-
 def test_s3_remote_push_and_pull_into_a_fresh_clone(s3_server, tiny_synth: Path, tmp_path: Path):
-    endpoint, credentials = s3_server
+    endpoint = s3_server.endpoint
+    credentials = {
+        "aws_access_key_id": s3_server.access_key_id,
+        "aws_secret_access_key": s3_server.secret_access_key,
+    }
     origin = tmp_path / "origin"
     origin.mkdir()
     run(["git", "init", "--quiet", "-b", "main"], cwd=origin)
     dvc("init", "--quiet", cwd=origin)
     shutil.copytree(tiny_synth, origin / "data" / "synth")
     dvc("add", "--quiet", "data", cwd=origin)
-    dvc("remote", "add", "-d", "store", "s3://iagn-data/dvc", cwd=origin)
+    dvc("remote", "add", "-d", "store", f"s3://{s3_server.bucket}/dvc", cwd=origin)
     dvc("remote", "modify", "store", "endpointurl", endpoint, cwd=origin)
     # Credentials go to the git-ignored local config, never to the committed one.
     dvc(
@@ -107,8 +94,7 @@ def test_s3_remote_push_and_pull_into_a_fresh_clone(s3_server, tiny_synth: Path,
     assert "config.local" not in run(["git", "ls-files"], cwd=origin).stdout
 
     dvc("push", cwd=origin)
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **credentials)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="iagn-data").get("Contents", [])]
+    keys = s3_server.keys()
     assert len(keys) == 24 + 6 + 1  # images, annotation files, the directory listing
     assert all(k.startswith("dvc/files/md5/") for k in keys)
 
@@ -116,10 +102,7 @@ def test_s3_remote_push_and_pull_into_a_fresh_clone(s3_server, tiny_synth: Path,
     run(["git", "clone", "--quiet", origin, fresh], cwd=tmp_path)
     assert not (fresh / "data").exists()
     # This time the credentials come from the environment, as on a CI runner or in a pod.
-    env = {
-        "AWS_ACCESS_KEY_ID": credentials["aws_access_key_id"],
-        "AWS_SECRET_ACCESS_KEY": credentials["aws_secret_access_key"],
-    }
+    env = s3_server.credentials_env()
     dvc("pull", cwd=fresh, env=env)
     assert tree_bytes(fresh / "data") == tree_bytes(origin / "data")
     assert UP_TO_DATE in dvc("status", cwd=fresh, env=env).stdout

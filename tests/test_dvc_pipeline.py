@@ -93,6 +93,24 @@ def test_repro_runs_every_stage_then_nothing(pipeline_repo: Path):
     run(["git", "commit", "--quiet", "-m", "pipeline results"], cwd=pipeline_repo)
 
 
+def test_a_failed_stage_leaves_the_previous_outs_intact(pipeline_repo: Path):
+    kept = ["build/models/stage2.pt", "build/models/stage2.metrics.json"]
+    kept += ["build/models/stage2.history.json", "build/models/stage3.pt"]
+    before = {path: (pipeline_repo / path).read_bytes() for path in kept}
+    params_file = pipeline_repo / "params.yaml"
+    original = params_file.read_text()
+    params = yaml.safe_load(original)
+    params["stage2"]["batch_size"] = 0
+    params_file.write_text(yaml.safe_dump(params))
+    failed = dvc("repro", cwd=pipeline_repo, check=False)
+    assert failed.returncode != 0
+    assert ran(failed.stdout) == {"stage2"}, failed.stdout
+    assert "batch_size must be at least 1" in failed.stderr + failed.stdout
+    assert {path: (pipeline_repo / path).read_bytes() for path in kept} == before
+    params_file.write_text(original)
+    assert "Data and pipelines are up to date" in dvc("status", cwd=pipeline_repo).stdout
+
+
 def test_changing_a_stage2_param_reruns_stage2_and_what_follows(pipeline_repo: Path):
     params_file = pipeline_repo / "params.yaml"
     params = yaml.safe_load(params_file.read_text())
@@ -116,3 +134,25 @@ def test_experiment_run_with_a_param_override(pipeline_repo: Path):
     assert "evaluate" in ran(result.stdout)
     shown = dvc("exp", "show", "--no-pager", "--csv", cwd=pipeline_repo).stdout
     assert "evaluate.gallery_size" in shown
+
+
+def test_pipeline_outs_push_to_s3_and_pull_into_a_fresh_clone(pipeline_repo: Path, s3_server):
+    run(["git", "add", "-A"], cwd=pipeline_repo)
+    run(["git", "commit", "--quiet", "--allow-empty", "-m", "experiment"], cwd=pipeline_repo)
+    dvc("remote", "add", "-d", "s3", f"s3://{s3_server.bucket}/dvc", cwd=pipeline_repo)
+    dvc("remote", "modify", "s3", "endpointurl", s3_server.endpoint, cwd=pipeline_repo)
+    run(["git", "commit", "--quiet", "-am", "S3 remote"], cwd=pipeline_repo)
+    env = s3_server.credentials_env()  # credentials only in the environment
+    pushed = iagn("remote", "push", cwd=pipeline_repo, env=env).stdout
+    assert "DVC remote 's3'" in pushed and "pushed" in pushed
+    # The dataset's files plus every checkpoint the stages produced.
+    assert len(s3_server.keys()) > 4 * 8
+
+    fresh = pipeline_repo.parent / "fresh"
+    run(["git", "clone", "--quiet", pipeline_repo, fresh], cwd=pipeline_repo.parent)
+    assert not (fresh / "build/models/stage3.pt").exists()
+    iagn("remote", "pull", "--quiet", cwd=fresh, env=env)
+    for path in ("build/models/stage1.pt", "build/models/stage3.pt", "build/models/student.pt"):
+        assert (fresh / path).read_bytes() == (pipeline_repo / path).read_bytes(), path
+    assert "Data and pipelines are up to date" in dvc("status", cwd=fresh).stdout
+    assert ran(dvc("repro", cwd=fresh).stdout) == set()

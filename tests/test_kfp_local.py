@@ -20,11 +20,10 @@ from helpers import BIN, dvc, iagn, run
 from mlflow_server import SECRETS, TRACKING_PASSWORD, TRACKING_USER, mlflow_server
 from test_dvc_pipeline import tiny_pipeline_params
 
-from components import datafetch
-from components.runtime import apply_overrides, mark_pipeline_failed
 from iagn.errors import IagnError
-from iagn.params import load_params
-from iagn.tracking import dvc_data_version
+from iagn.params import apply_overrides, load_params
+from iagn.steps import fetch_data as datafetch
+from iagn.tracking import dvc_data_version, mark_pipeline_failed
 
 __all__ = ["mlflow_server"]  # the session's MLflow server fixture, used below
 

@@ -150,11 +150,14 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_synth, tmp_path):
             quiet=True,
             callbacks=[kill_after_second_epoch],
         )
-    assert load_checkpoint(tmp_path / "resumed.pt")["epoch"] == 2
+    # Only the partial file exists: nothing downstream can take a half-trained model.
+    assert not (tmp_path / "resumed.pt").exists()
+    assert load_checkpoint(tmp_path / "resumed.pt.partial")["epoch"] == 2
     train_stage.run(1, None, params, tmp_path / "resumed.pt", quiet=True)
     straight = load_checkpoint(tmp_path / "straight.pt")
     resumed = load_checkpoint(tmp_path / "resumed.pt")
     assert resumed["epoch"] == 3 and resumed["complete"]
+    assert not (tmp_path / "resumed.pt.partial").exists()
     for key, value in straight["model_state"].items():
         assert torch.equal(value, resumed["model_state"][key]), key
     assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
@@ -190,6 +193,13 @@ def test_missing_and_corrupt_checkpoints(pipeline_outputs, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_synth, tmp_path, monkeypatch):
     params = tiny_params(tiny_synth, epochs=3)
+    # A finished model from an earlier run with other settings: the failed run must leave it
+    # and its metrics files exactly as they were.
+    earlier = copy.deepcopy(params)
+    earlier["stage1"] = {"epochs": 1}
+    train_stage.run(1, None, earlier, tmp_path / "s1.pt", quiet=True)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("s1.*")}
+    assert set(before) == {"s1.pt", "s1.history.json", "s1.metrics.json"}
     real_step = train_stage_module.stage_step
     calls = {"n": 0}
 
@@ -199,9 +209,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_synth, tmp_path,
         return (loss * float("nan") if calls["n"] > 3 else loss), logs  # epoch 1 has 2 steps
 
     monkeypatch.setattr(train_stage_module, "stage_step", poisoned)
-    with pytest.raises(IagnError, match=r"loss became nan at epoch 2.*last good checkpoint"):
+    with pytest.raises(IagnError, match=r"loss became nan at epoch 2.*last good epoch \(1\)"):
         train_stage.run(1, None, params, tmp_path / "s1.pt", quiet=True)
-    kept = load_checkpoint(tmp_path / "s1.pt")
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("s1.*") if p.suffix != ".partial"} == (
+        before
+    )
+    kept = load_checkpoint(tmp_path / "s1.pt.partial")
     assert kept["epoch"] == 1 and not kept["complete"]
     assert all(
         torch.isfinite(v).all() for v in kept["model_state"].values() if v.is_floating_point()

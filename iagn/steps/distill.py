@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from iagn.errors import IagnError
 from iagn.evaluation.predictor import Predictor
+from iagn.io import sha256_file
 from iagn.models.load import model_from_checkpoint
 from iagn.models.student import Student, StudentConfig
 from iagn.train.checkpoint import load_checkpoint
@@ -43,6 +44,7 @@ def run(
     data_cfg = data_config(params)
     prepared = prepare_data(resolve_data_dir(data, data_cfg), data_cfg)
     teacher_ckpt = load_checkpoint(teacher, kind="teacher")
+    teacher_sha256 = sha256_file(teacher)
     if teacher_ckpt["data"]["digest"] != prepared.digest:
         raise IagnError(
             f"teacher {teacher} was trained on other data (manifest digest "
@@ -93,7 +95,11 @@ def run(
             "stage": None,
             "model_config": student_cfg.to_dict(),
             "train_config": {**asdict(config), "precision_resolved": precision},
-            "teacher": {"digest": teacher_ckpt["data"]["digest"], "path": str(teacher)},
+            "teacher": {
+                "digest": teacher_ckpt["data"]["digest"],
+                "path": str(teacher),
+                "sha256": teacher_sha256,
+            },
             "data": teacher_ckpt["data"],
         },
         description="distill",

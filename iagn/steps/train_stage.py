@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from iagn.errors import IagnError
+from iagn.io import sha256_file
 from iagn.models.iagn import IAGN, ModelConfig
 from iagn.train.checkpoint import check_compatible, load_checkpoint
 from iagn.train.config import (
@@ -95,6 +96,8 @@ def run(
         "world_size": runtime.world_size,  # a resumed run must split the data the same way
     }
     train_config["attention_crop_margin"] = list(config.attention_crop_margin)
+    # A rerun after the previous stage was retrained must not continue the old partial run.
+    init_identity = {"path": str(init), "sha256": sha256_file(init)} if init else None
 
     def step_fn(wrapped, batch, generator):
         return stage_step(
@@ -118,6 +121,7 @@ def run(
             "model_config": model_cfg.to_dict(),
             "train_config": train_config,
             "data": prepared.identity(),
+            "init": init_identity,
         },
         description=f"stage {stage}",
         ddp_find_unused=stage < 3,  # heads of later stages get no loss yet

@@ -5,6 +5,13 @@ batches of an uninterrupted one), mixed precision, channels_last, gradient clipp
 warm-up + cosine schedule, per-epoch validation, atomic checkpoints after every epoch,
 resume from the last checkpoint, a clear stop on a NaN loss, progress bars, and callbacks
 for experiment tracking. What a step computes is passed in as `step_fn`.
+
+Files: the finished model goes to `out` only when the last epoch is done; the epochs before
+go to `<out>.partial`. So `out` (and its history/metrics JSON) is either the previous
+finished model or the new one, never a half-trained one, whatever kills the run: DVC keeps
+it in place (`persist: true`) and downstream steps never see a partial model. A rerun with
+the same identity (kind, stage, configs, data, init/teacher checkpoint) continues from the
+partial file; anything else starts fresh.
 """
 
 from __future__ import annotations
@@ -116,11 +123,18 @@ def metrics_path(checkpoint: Path) -> Path:
     return checkpoint.with_name(checkpoint.stem + ".metrics.json")
 
 
-def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -> dict[str, Any]:
-    """Train for spec.epochs, resuming from `out` if it holds an unfinished run of this spec.
+def partial_path(checkpoint: Path) -> Path:
+    """Where an unfinished run keeps its last epoch (resumed from, never used downstream)."""
+    return checkpoint.with_name(checkpoint.name + ".partial")
 
-    Writes `out`, and beside it `<stem>.history.json` after every epoch and
-    `<stem>.metrics.json` (the final epoch's record) at the end.
+
+def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -> dict[str, Any]:
+    """Train for spec.epochs, resuming from `<out>.partial` if it holds an unfinished run of
+    this spec.
+
+    Writes `<out>.partial` after every epoch; at the end `out` and beside it
+    `<stem>.history.json` and `<stem>.metrics.json` (the final epoch's record), then removes
+    the partial file.
     """
     device = runtime.device
     model = spec.model.to(device)
@@ -136,7 +150,8 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         total_steps=spec.epochs * steps_per_epoch,
     )
     start_epoch, step, history = 0, 0, []
-    resumed = _resume_state(out, spec)
+    partial = partial_path(out)
+    resumed = _resume_state(partial, spec)
     if resumed is not None:
         model.load_state_dict(resumed["model_state"])
         optimizer.load_state_dict(resumed["optimizer_state"])
@@ -144,7 +159,7 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         start_epoch, step, history = resumed["epoch"], resumed["step"], resumed["history"]
         set_rng_state(resumed["rng"])
         if runtime.is_main and not quiet:
-            print(f"resuming {out} after epoch {start_epoch} of {spec.epochs}")
+            print(f"resuming {partial} after epoch {start_epoch} of {spec.epochs}")
 
     wrapped = model
     if runtime.distributed:
@@ -157,7 +172,7 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         if not runtime.is_main:
             return
         save_checkpoint(
-            out,
+            out if complete else partial,
             {
                 **spec.payload(),
                 "model_state": model.state_dict(),
@@ -192,8 +207,9 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             if not math.isfinite(float(loss.detach())):
                 raise IagnError(
                     f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
-                    f"stopped. The last good checkpoint ({out}, after epoch {epoch}) is kept. "
-                    "Lower the learning rates (lr_head, lr_backbone) or use precision fp32."
+                    f"stopped. {out} is left as it was; the last good epoch ({epoch}) is in "
+                    f"{partial}. Lower the learning rates (lr_head, lr_backbone) or use "
+                    "precision fp32."
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -223,9 +239,8 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         record.update(spec.validate_fn(model))
         record["epoch"] = epoch + 1
         history.append(record)
-        checkpoint(epoch + 1, complete=epoch + 1 == spec.epochs)
-        if runtime.is_main:
-            write_json_atomic(history_path(out), history)
+        if epoch + 1 < spec.epochs:
+            checkpoint(epoch + 1, complete=False)
         barrier(runtime)
         if runtime.is_main and not quiet:
             shown = {k: record[k] for k in ("loss", "val_acc", "images_per_s") if k in record}
@@ -235,24 +250,27 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             )
         for callback in spec.callbacks:
             callback(epoch + 1, record)
-    if resumed is not None and start_epoch >= spec.epochs:
-        checkpoint(spec.epochs, complete=True)
+    checkpoint(spec.epochs, complete=True)
     if runtime.is_main and history:
         write_json_atomic(history_path(out), history)
         write_json_atomic(metrics_path(out), history[-1])
+        partial.unlink(missing_ok=True)
+    barrier(runtime)
     return {"history": history, "steps": step}
 
 
-def _resume_state(out: Path, spec: LoopSpec) -> dict | None:
-    """The checkpoint at `out` if it is a run with the same configuration (a finished one
-    makes the loop a no-op; an unfinished one is continued)."""
-    if not out.is_file():
+# What must match for a partial run to be continued rather than restarted.
+RESUME_IDENTITY = ("kind", "stage", "model_config", "train_config", "data", "init", "teacher")
+
+
+def _resume_state(partial: Path, spec: LoopSpec) -> dict | None:
+    """The unfinished run at `partial` if it has this spec's identity, else None."""
+    if not partial.is_file():
         return None
     try:
-        previous = load_checkpoint(out)
+        previous = load_checkpoint(partial)
     except IagnError:
         return None  # a corrupt leftover is replaced, never trusted
     current = spec.payload()
-    same = all(previous.get(k) == current.get(k) for k in ("kind", "stage", "train_config", "data"))
-    same = same and previous.get("model_config") == current.get("model_config")
-    return previous if same else None
+    same = all(previous.get(key) == current.get(key) for key in RESUME_IDENTITY)
+    return previous if same and not previous.get("complete") else None

@@ -1,4 +1,4 @@
-"""Getting the versioned dataset and its params.yaml with git and DVC (the fetch-data step).
+"""The fetch-data step: the versioned dataset and its params.yaml, with git and DVC.
 
 Two sources:
 
@@ -13,8 +13,9 @@ Two sources:
   folder is there, that folder is used as it is, with a warning: a working copy may hold
   data that no remote has yet.
 
-The components call these functions with `sys.executable -m dvc`, so the DVC of the running
-environment is used whatever PATH says. No kfp imports.
+DVC runs through iagn.dvc_remote (the running environment's DVC; a failing remote is
+explained with the setting to fix). Called by the KFP fetch-data components and by
+`iagn fetch-data`.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from iagn.dvc_remote import QUIET_ENV, configured_remote, explain_failure, run_dvc
 from iagn.errors import IagnError
+from iagn.params import apply_overrides, load_params
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 GIT_TIMEOUT_S = 300
-DVC_TIMEOUT_S = 3600
-QUIET_ENV = {"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,9 @@ def working_copy(repo: str, revision: str) -> Path | None:
     return Path(repo or ".").resolve()
 
 
-def _run(args: list[str], cwd: Path | None, timeout: int) -> subprocess.CompletedProcess:
+def _git(args: list[str], cwd: Path | None, timeout: int = GIT_TIMEOUT_S):
     return subprocess.run(
-        args,
+        ["git", *args],
         cwd=cwd,
         env={**os.environ, **QUIET_ENV},
         capture_output=True,
@@ -82,7 +83,7 @@ def resolve_revision(repo: str, rev: str) -> str:
     """The commit `rev` names in `repo`; for the working copy, a fingerprint of it."""
     folder = working_copy(repo, rev)
     if folder is not None:
-        head = _run(["git", "rev-parse", "HEAD"], folder, GIT_TIMEOUT_S)
+        head = _git(["rev-parse", "HEAD"], folder, GIT_TIMEOUT_S)
         md5 = _dvc_md5(folder)
         commit = head.stdout.strip() if head.returncode == 0 else "no-git"
         return f"working-copy:{commit}:{md5 or 'no-dvc'}"
@@ -90,14 +91,14 @@ def resolve_revision(repo: str, rev: str) -> str:
         return rev
     wanted = rev or "HEAD"
     if not is_url(repo):  # a local repository: rev-parse understands every revision syntax
-        done = _run(["git", "rev-parse", "--verify", f"{wanted}^{{commit}}"], Path(repo), 60)
+        done = _git(["rev-parse", "--verify", f"{wanted}^{{commit}}"], Path(repo), 60)
         if done.returncode == 0:
             return done.stdout.strip()
         raise IagnError(
             f"revision {wanted!r} is not in the git repository {repo}: {_last_line(done)}; "
             "pass a branch, tag or commit of it as data_rev"
         )
-    done = _run(["git", "ls-remote", "--", repo, wanted], None, GIT_TIMEOUT_S)
+    done = _git(["ls-remote", "--", repo, wanted], None, GIT_TIMEOUT_S)
     if done.returncode != 0:
         raise IagnError(
             f"cannot read the git repository {scrub(repo)}: {_last_line(done)}\n"
@@ -148,9 +149,6 @@ def _count_images(folder: Path) -> int:
 
 
 def _fetch_working_copy(folder: Path, overrides: dict | None, dataset: Path, params_out: Path):
-    from components.runtime import apply_overrides
-    from iagn.params import load_params
-
     if not (folder / "params.yaml").is_file():
         raise IagnError(
             f"{folder} has no params.yaml: run from the project folder, or set data_repo to "
@@ -158,20 +156,21 @@ def _fetch_working_copy(folder: Path, overrides: dict | None, dataset: Path, par
         )
     params = apply_overrides(load_params(folder / "params.yaml"), overrides)
     root = _data_root(params, str(folder))
-    pulled = _run([sys.executable, "-m", "dvc", "pull", "--quiet", root], folder, DVC_TIMEOUT_S)
+    pulled = run_dvc(["pull", "--quiet", root], folder)
     source = folder / root
     note = "dvc pull"
     if pulled.returncode != 0:
+        why = explain_failure(pulled.stdout + pulled.stderr, configured_remote(folder))
         if not source.is_dir():
             raise IagnError(
-                f"{source} is not in the working copy and `dvc pull {root}` failed: "
-                f"{_last_line(pulled)}\n  -> run `make data` (or `dvc pull`) in {folder}, or "
-                "check its default DVC remote"
+                f"{source} is not in the working copy and `dvc pull {root}` failed: {why}\n"
+                f"  (or run `make data` in {folder})"
             )
         note = "working copy as is"
+        first_line = why.splitlines()[0]
         print(
-            f"iagn: warning: `dvc pull {root}` failed ({_last_line(pulled)}); using the "
-            f"working copy's {root} as it is",
+            f"iagn: warning: `dvc pull {root}` failed ({first_line}); using the working "
+            f"copy's {root} as it is",
             file=sys.stderr,
         )
     shutil.copytree(source, dataset, dirs_exist_ok=True)
@@ -180,18 +179,19 @@ def _fetch_working_copy(folder: Path, overrides: dict | None, dataset: Path, par
 
 
 def _dvc_get(repo: Path, path: str, revision: str, out: Path, shown: str) -> None:
-    args = [sys.executable, "-m", "dvc", "get", "--quiet", str(repo), path, "--rev", revision]
-    args += ["-o", str(out), "--force"]
+    args = ["get", "--quiet", str(repo), path, "--rev", revision, "-o", str(out), "--force"]
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "").strip()
     if endpoint:  # the S3 endpoint (MinIO, Ceph) of the remote, for this run only
         args += ["--remote-config", f"endpointurl={endpoint}"]
-    done = _run(args, None, DVC_TIMEOUT_S)
+    done = run_dvc(args, None)
     if done.returncode != 0:
+        # In a pod the endpoint and credentials come from the Kubernetes secret's AWS_*.
         raise IagnError(
-            f"`dvc get` of {path} from {shown}@{revision[:12]} failed: {_last_line(done)}\n"
-            "  -> check the DVC remote of the repository: its endpoint (AWS_ENDPOINT_URL) and "
-            "the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the Kubernetes "
-            "secret), and that the data was pushed (`dvc push`)"
+            f"`dvc get` of {path} from {shown}@{revision[:12]} failed: "
+            + explain_failure(done.stdout + done.stderr, configured_remote(repo))
+            + "\n  In a pipeline pod: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY come from the Kubernetes secret; check also that the data "
+            "was pushed (`iagn remote push`)"
         )
 
 
@@ -200,10 +200,8 @@ def _git_folder(repo: str, tmp: Path) -> Path:
     if not is_url(repo):
         return Path(repo).resolve()
     clone = tmp / "repo"
-    done = _run(
-        ["git", "clone", "--quiet", "--filter=blob:none", "--no-checkout", "--", repo, str(clone)],
-        None,
-        GIT_TIMEOUT_S,
+    done = _git(
+        ["clone", "--quiet", "--filter=blob:none", "--no-checkout", "--", repo, str(clone)], None
     )
     if done.returncode != 0:
         raise IagnError(
@@ -214,7 +212,7 @@ def _git_folder(repo: str, tmp: Path) -> Path:
 
 
 def _git_show(folder: Path, revision: str, path: str) -> str | None:
-    done = _run(["git", "show", f"{revision}:{path}"], folder, GIT_TIMEOUT_S)
+    done = _git(["show", f"{revision}:{path}"], folder, GIT_TIMEOUT_S)
     return done.stdout if done.returncode == 0 else None
 
 
@@ -223,7 +221,6 @@ def _fetch_revision(
 ):
     import yaml
 
-    from components.runtime import apply_overrides
     from iagn.tracking import dvc_data_version
 
     shown = scrub(repo)

@@ -1,0 +1,177 @@
+"""Running DVC against a remote, and turning its failures into messages that name the setting.
+
+DVC reports a bad remote as e.g. `unexpected error - Forbidden: An error occurred (403) when
+calling the HeadObject operation`. `explain_failure` maps such output to what is wrong and
+which setting fixes it (the remote's `url`, `endpointurl`, `access_key_id` /
+`secret_access_key` in `.dvc/config.local`, or the AWS_* environment). `iagn remote`,
+`make data` and the fetch-data step go through here.
+
+DVC runs as `sys.executable -m dvc`: the DVC of the running environment, whatever PATH says.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from iagn.errors import IagnError
+
+DVC_TIMEOUT_S = 3600
+QUIET_ENV = {"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+_SECTION = re.compile(r"^'?remote\s+\"(?P<name>[^\"]+)\"'?$")
+_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+@dataclass(frozen=True)
+class Remote:
+    """What the project's DVC config says about one remote (secrets are never read)."""
+
+    name: str
+    url: str = ""
+    endpoint: str = ""
+
+    def describe(self) -> str:
+        where = f" at {self.endpoint}" if self.endpoint else ""
+        return f"DVC remote '{self.name}' ({self.url or 'no url'}{where})"
+
+
+def _read_config(project: Path) -> configparser.ConfigParser:
+    config = configparser.ConfigParser(interpolation=None)
+    # Later files win, as in DVC: the committed config, then the git-ignored local one.
+    config.read([project / ".dvc" / "config", project / ".dvc" / "config.local"])
+    return config
+
+
+def configured_remote(project: str | os.PathLike, name: str | None = None) -> Remote | None:
+    """The remote `name` (default: core.remote) of the DVC project at `project`, if any."""
+    config = _read_config(Path(project))
+    if name is None:
+        name = config.get("core", "remote", fallback=None)
+    if not name:
+        return None
+    for section in config.sections():
+        match = _SECTION.match(section.strip())
+        if match and match.group("name") == name:
+            return Remote(
+                name,
+                config.get(section, "url", fallback=""),
+                config.get(section, "endpointurl", fallback=""),
+            )
+    return None
+
+
+def scrub(text: str) -> str:
+    """Drop `user:password@` from URLs inside a message."""
+    return _USERINFO.sub("", text)
+
+
+def _error_lines(output: str) -> list[str]:
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return [line for line in lines if line.startswith("ERROR")] or lines[-1:]
+
+
+# (pattern in DVC's output, what is wrong, what to do); {remote}, {name} are filled in.
+_FAILURES = (
+    (
+        r"no remote specified",
+        "no DVC remote is configured",
+        "add one: `dvc remote add -d NAME s3://BUCKET/PATH` (and for MinIO/Ceph "
+        "`dvc remote modify NAME endpointurl http://HOST:PORT`), or pass --remote NAME",
+    ),
+    (
+        r"remote '[^']*' doesn't exist",
+        "that DVC remote is not configured",
+        "`dvc remote list` shows the configured remotes; pass one of them, or add it with "
+        "`dvc remote add NAME URL`",
+    ),
+    (
+        r"Unable to locate credentials|NoCredentialsError|Partial credentials",
+        "no S3 credentials for {remote}",
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment, or store them "
+        "in the git-ignored local config: `dvc remote modify --local {name} access_key_id "
+        "...` and `dvc remote modify --local {name} secret_access_key ...`",
+    ),
+    (
+        r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|\(403\)|"
+        r"InvalidToken|ExpiredToken",
+        "{remote} rejected the credentials (403 Forbidden)",
+        "check access_key_id / secret_access_key of the remote (`dvc remote modify --local "
+        "{name} access_key_id ...`, `... secret_access_key ...`) or AWS_ACCESS_KEY_ID / "
+        "AWS_SECRET_ACCESS_KEY in the environment (used when the config holds no key), and "
+        "that this key may read and write the bucket in the remote's `url`",
+    ),
+    (
+        r"NoSuchBucket|bucket does not exist|\(404\).*bucket",
+        "the bucket of {remote} does not exist",
+        "fix the remote's url (`dvc remote modify {name} url s3://BUCKET/PATH`) or create "
+        "the bucket",
+    ),
+    (
+        r"Could not connect to the endpoint URL|EndpointConnectionError|Connection refused|"
+        r"Name or service not known|Temporary failure in name resolution|timed out|"
+        r"ConnectTimeout|Max retries exceeded",
+        "cannot reach {remote}",
+        "check the remote's endpoint (`dvc remote modify {name} endpointurl "
+        "http://HOST:PORT`, or AWS_ENDPOINT_URL for one run) and that the S3 server is up "
+        "and reachable from here",
+    ),
+)
+
+
+def explain_failure(output: str, remote: Remote | None) -> str:
+    """A message for a failed DVC remote operation: what is wrong and the setting to fix."""
+    shown = remote.describe() if remote else "the DVC remote"
+    name = remote.name if remote else "NAME"
+    for pattern, problem, fix in _FAILURES:
+        if re.search(pattern, output, flags=re.IGNORECASE):
+            return (
+                f"{problem.format(remote=shown, name=name)}\n"
+                f"  -> {fix.format(remote=shown, name=name)}\n"
+                f"  (DVC said: {scrub(_error_lines(output)[-1])[:300]})"
+            )
+    detail = "; ".join(scrub(line) for line in _error_lines(output))[:600]
+    return f"DVC failed with {shown}: {detail or '(no output)'}"
+
+
+def run_dvc(
+    args: list[str], cwd: str | os.PathLike | None, timeout: int = DVC_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `cwd` with this environment's DVC; output captured, never raises."""
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        env={**os.environ, **QUIET_ENV},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def transfer(
+    operation: str,
+    project: str | os.PathLike = ".",
+    targets: list[str] | None = None,
+    remote: str | None = None,
+    jobs: int | None = None,
+) -> str:
+    """`dvc push|pull|fetch|status --cloud` with the remote; returns DVC's output, raises an
+    IagnError that names the setting to fix when the remote fails."""
+    if operation not in ("push", "pull", "fetch", "status"):
+        raise ValueError(f"unknown DVC remote operation {operation!r}")
+    args = [operation, *(["--cloud"] if operation == "status" else [])]
+    args += ["--remote", remote] if remote else []
+    args += ["--jobs", str(jobs)] if jobs else []
+    done = run_dvc([*args, *(targets or [])], project)
+    output = done.stdout + done.stderr
+    if done.returncode != 0:
+        described = configured_remote(project, remote)
+        if described is None and remote:
+            described = Remote(remote)
+        raise IagnError(f"`dvc {operation}` failed: " + explain_failure(output, described))
+    return scrub(done.stdout)
