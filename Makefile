@@ -33,7 +33,7 @@ data: setup  ## fetch the default dataset with DVC, or regenerate it (determinis
 	  || $(BIN)/iagn data synth --params params.yaml --out data/synth; \
 	fi
 	@$(BIN)/dvc add --quiet data
-	@$(BIN)/dvc push --quiet data.dvc
+	@$(BIN)/iagn remote push --quiet data.dvc
 	@$(BIN)/dvc status data.dvc
 
 # The whole KFP DAG on this machine (kfp.local): fetch (dvc pull), validate, train stages
