@@ -177,3 +177,15 @@ def test_student_gives_logits_and_its_own_map(backbone):
         logits, cam = student.forward_with_map(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 4)
     assert cam.shape[0] == 2 and cam.max() <= 1 and cam.min() >= 0
+
+
+def test_student_can_start_from_the_teacher_trunk(model):
+    student = Student(StudentConfig(backbone="resnet18", num_classes=5))
+    student.copy_teacher_trunk(model, "resnet18")
+    teacher_trunk = torch.nn.Sequential(*model.stem, *model.layers)
+    x = torch.randn(2, 3, 64, 64)
+    student.eval()
+    assert torch.equal(student.features(x), teacher_trunk(x))
+    other = Student(StudentConfig(backbone="mobilenet_v3_small", num_classes=5))
+    with pytest.raises(IagnError, match="student of the teacher's architecture"):
+        other.copy_teacher_trunk(model, "resnet18")

@@ -74,6 +74,21 @@ class Student(nn.Module):
             self.features, channels = _mobilenet(config.backbone, config.weights)
         self.classifier = nn.Linear(channels, config.num_classes)
 
+    def copy_teacher_trunk(self, teacher: nn.Module, teacher_backbone: str) -> None:
+        """Start from the teacher's trained trunk (same torchvision architecture only).
+
+        The teacher's trunk is `stem` (conv1 .. layer1) + `layers` (layer2 .. layer4), the
+        student's the same modules in one Sequential; the student keeps its own classifier.
+        """
+        if teacher_backbone != self.config.backbone:
+            raise IagnError(
+                f"distill.student_init: teacher needs a student of the teacher's architecture "
+                f"({teacher_backbone}), not {self.config.backbone}; use student_init: weights"
+            )
+        trunk = [*teacher.stem, *teacher.layers]
+        for target, source in zip(self.features, trunk, strict=True):
+            target.load_state_dict(source.state_dict())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, 3, H, W] -> logits [B, classes]."""
         return self.classifier(self.features(x).mean(dim=(2, 3)))

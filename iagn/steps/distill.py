@@ -68,6 +68,17 @@ def run(
     )
     seed_everything(config.seed)
     student = Student(student_cfg)
+    teacher_backbone = teacher_ckpt["model_config"]["backbone"]
+    if config.student_init not in ("auto", "teacher", "weights"):
+        raise IagnError(
+            f"distill.student_init must be auto, teacher or weights, not {config.student_init!r}"
+        )
+    if config.student_init == "teacher" or (
+        config.student_init == "auto" and teacher_backbone == config.student
+    ):
+        # The teacher's trunk already holds the fine-grained features: the student starts
+        # there and distillation mostly teaches its single head to match the ensemble.
+        student.copy_teacher_trunk(teacher_model.model, teacher_backbone)
 
     def step_fn(wrapped, batch, generator):
         images, labels = batch["image"], batch["label"]

@@ -79,6 +79,7 @@ class StageConfig:
 @dataclass
 class DistillConfig:
     student: str = "resnet18"
+    student_init: str = "auto"  # auto | teacher | weights
     student_weights: str = "none"
     epochs: int = 6
     batch_size: int = 16
