@@ -88,4 +88,8 @@ def test_missing_bucket_names_the_url_then_a_push_works(project: Path, s3_server
     assert "DVC remote 'store'" in pushed.stdout and "1 file pushed" in pushed.stdout
     status = iagn("remote", "status", cwd=project, env=env).stdout
     assert "in sync" in status
+    # Options before targets, as `make data` writes it.
+    (project / "labels.txt").unlink()
+    iagn("remote", "pull", "--quiet", "labels.txt.dvc", cwd=project, env=env)
+    assert (project / "labels.txt").read_text() == "1 Black_footed_Albatross\n"
     assert len(s3_server.keys()) == 1

@@ -19,6 +19,13 @@ def cmd_remote(args: argparse.Namespace) -> int:
     return 0
 
 
+OPERATIONS = {
+    "push": "upload the data and pipeline outs the project tracks",
+    "pull": "download them (after git clone, or to another machine)",
+    "status": "compare the local cache with the remote",
+}
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     remote = commands.add_parser(
         "remote",
@@ -28,18 +35,18 @@ def register(commands: argparse._SubParsersAction) -> None:
         "bucket) is reported with the setting that fixes it. Endpoint and credentials come "
         "from .dvc/config, .dvc/config.local (git-ignored) or AWS_* variables.",
     )
-    remote.add_argument(
-        "operation",
-        choices=("push", "pull", "status"),
-        help="push: upload what the project tracks; pull: download it; status: compare",
-    )
-    remote.add_argument(
-        "targets", nargs="*", help="DVC files or stages (default: everything tracked)"
-    )
-    remote.add_argument("-r", "--remote", default=None, help="remote name (default: core.remote)")
-    remote.add_argument("-j", "--jobs", type=int, default=None, help="parallel transfers")
-    remote.add_argument(
-        "--project", type=Path, default=Path("."), help="the DVC project folder (default: .)"
-    )
-    remote.add_argument("--quiet", action="store_true", help="print nothing on success")
-    remote.set_defaults(handler=cmd_remote)
+    operations = remote.add_subparsers(dest="operation", required=True, metavar="OPERATION")
+    for operation, summary in OPERATIONS.items():
+        parser = operations.add_parser(operation, help=summary, description=summary)
+        parser.add_argument(
+            "targets", nargs="*", help="DVC files or stages (default: everything tracked)"
+        )
+        parser.add_argument(
+            "-r", "--remote", default=None, help="remote name (default: core.remote)"
+        )
+        parser.add_argument("-j", "--jobs", type=int, default=None, help="parallel transfers")
+        parser.add_argument(
+            "--project", type=Path, default=Path("."), help="the DVC project folder (default: .)"
+        )
+        parser.add_argument("--quiet", action="store_true", help="print nothing on success")
+        parser.set_defaults(handler=cmd_remote)
