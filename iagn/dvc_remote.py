@@ -138,12 +138,12 @@ def explain_failure(output: str, remote: Remote | None) -> str:
     return f"DVC failed with {shown}: {detail or '(no output)'}"
 
 
-def run_dvc(
-    args: list[str], cwd: str | os.PathLike | None, timeout: int = DVC_TIMEOUT_S
+def run_quietly(
+    argv: list[str], cwd: str | os.PathLike | None, timeout: int
 ) -> subprocess.CompletedProcess:
-    """`dvc ARGS` in `cwd` with this environment's DVC; output captured, never raises."""
+    """A tool (dvc, git) without analytics or prompts; output captured, never raises."""
     return subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
+        argv,
         cwd=cwd,
         env={**os.environ, **QUIET_ENV},
         capture_output=True,
@@ -151,6 +151,13 @@ def run_dvc(
         timeout=timeout,
         check=False,
     )
+
+
+def run_dvc(
+    args: list[str], cwd: str | os.PathLike | None, timeout: int = DVC_TIMEOUT_S
+) -> subprocess.CompletedProcess:
+    """`dvc ARGS` in `cwd` with this environment's DVC."""
+    return run_quietly([sys.executable, "-m", "dvc", *args], cwd, timeout)
 
 
 def transfer(

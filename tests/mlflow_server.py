@@ -56,6 +56,19 @@ QUIET = {
 PIPELINE_EXPERIMENT = "iagn-pipeline-test"
 PIPELINE_RUN = "ci-run-1234"
 MODEL_NAME = "iagn-test"
+# The nested MLflow run of each pipeline step under one parent (CLI, DVC and KFP alike).
+STEP_RUNS = frozenset(
+    {
+        "validate",
+        "train-stage-1",
+        "train-stage-2",
+        "train-stage-3",
+        "distill",
+        "evaluate-teacher",
+        "evaluate-student",
+        "register",
+    }
+)
 FAKE_DATA_MD5 = "0123456789abcdef0123456789abcdef.dir"
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 from helpers import BIN, dvc, iagn, run
-from mlflow_server import SECRETS, TRACKING_PASSWORD, TRACKING_USER, mlflow_server
+from mlflow_server import SECRETS, STEP_RUNS, TRACKING_PASSWORD, TRACKING_USER, mlflow_server
 from test_dvc_pipeline import tiny_pipeline_params
 
 from iagn.errors import IagnError
@@ -29,16 +29,6 @@ __all__ = ["mlflow_server"]  # the session's MLflow server fixture, used below
 
 EXPERIMENT = "iagn-kfp-local"
 MODEL = "iagn-kfp-test"
-STEP_RUNS = {
-    "validate",
-    "train-stage-1",
-    "train-stage-2",
-    "train-stage-3",
-    "distill",
-    "evaluate-teacher",
-    "evaluate-student",
-    "register",
-}
 OPEN_GATE = (
     "register.gate.min_top1=0",
     "register.gate.min_pointing_game=0",

@@ -12,6 +12,7 @@ from mlflow_server import (
     PIPELINE_EXPERIMENT,
     PIPELINE_RUN,
     SECRETS,
+    STEP_RUNS,
     experiment_runs,
     mlflow_server,
     tracked_pipeline,
@@ -22,17 +23,6 @@ from iagn.errors import IagnError
 from iagn.train.checkpoint import load_checkpoint
 
 __all__ = ["mlflow_server", "tracked_pipeline"]  # fixtures used by the tests below
-
-STEPS = {
-    "validate",
-    "train-stage-1",
-    "train-stage-2",
-    "train-stage-3",
-    "distill",
-    "evaluate-teacher",
-    "evaluate-student",
-    "register",
-}
 
 
 def pipeline_runs(server) -> tuple[object, dict[str, object]]:
@@ -59,7 +49,7 @@ def runs(mlflow_server, tracked_pipeline):
 
 def test_one_parent_run_and_one_nested_run_per_step(runs, tracked_pipeline):
     parent, steps = runs
-    assert set(steps) == STEPS
+    assert set(steps) == STEP_RUNS
     assert parent.info.run_name == PIPELINE_RUN
     assert parent.data.tags[tracking.TAG_ROLE] == "pipeline"
     head = run(["git", "rev-parse", "HEAD"], cwd=tracked_pipeline.project).stdout.strip()

@@ -14,8 +14,8 @@ from typing import Any
 import torch.nn.functional as F
 
 from iagn.models.student import Student, StudentConfig
-from iagn.train.config import data_config, resolve_data_dir, stage_config
-from iagn.train.data import prepare_data
+from iagn.train.config import stage_config
+from iagn.train.data import prepare_step_data
 from iagn.train.distributed import init_runtime
 from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.precision import resolve_precision
@@ -26,8 +26,7 @@ def run(
 ) -> dict[str, Any]:
     runtime = init_runtime("auto")
     config = stage_config(params, 3)  # the teacher's shared hyperparameters
-    data_cfg = data_config(params)
-    prepared = prepare_data(resolve_data_dir(data, data_cfg), data_cfg)
+    prepared = prepare_step_data(data, params)
     precision = resolve_precision(config.precision, runtime.device)
     model_cfg = StudentConfig(
         backbone=params["model"]["backbone"],

@@ -21,8 +21,8 @@ from iagn.io import sha256_file
 from iagn.models.load import model_from_checkpoint
 from iagn.models.student import Student, StudentConfig
 from iagn.train.checkpoint import load_checkpoint
-from iagn.train.config import data_config, distill_config, resolve_data_dir
-from iagn.train.data import prepare_data
+from iagn.train.config import distill_config
+from iagn.train.data import prepare_step_data
 from iagn.train.distributed import Runtime, init_runtime
 from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.losses import kd_loss
@@ -41,8 +41,7 @@ def run(
 ) -> dict[str, Any]:
     runtime = runtime or init_runtime(device)
     config = distill_config(params)
-    data_cfg = data_config(params)
-    prepared = prepare_data(resolve_data_dir(data, data_cfg), data_cfg)
+    prepared = prepare_step_data(data, params)
     teacher_ckpt = load_checkpoint(teacher, kind="teacher")
     teacher_sha256 = sha256_file(teacher)
     if teacher_ckpt["data"]["digest"] != prepared.digest:

@@ -23,8 +23,7 @@ from iagn.evaluation.speed import file_size_mb, measure_speed, parameter_count
 from iagn.io import write_json_atomic
 from iagn.models.load import load_model
 from iagn.steps.train_stage import device_name
-from iagn.train.config import data_config, resolve_data_dir
-from iagn.train.data import prepare_data
+from iagn.train.data import prepare_step_data
 from iagn.train.distributed import pick_device
 from iagn.train.precision import resolve_precision
 
@@ -56,8 +55,7 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, checkpoint = load_model(model_path)
-    data_cfg = data_config(params)
-    prepared = prepare_data(resolve_data_dir(data, data_cfg), data_cfg)
+    prepared = prepare_step_data(data, params)
     torch_device = pick_device(device)
     precision = resolve_precision(settings["precision"], torch_device)
     predictor = Predictor(model, torch_device, precision, settings["attention_threshold"])

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iagn.dvc_remote import QUIET_ENV, configured_remote, explain_failure, run_dvc
+from iagn.dvc_remote import configured_remote, explain_failure, run_dvc, run_quietly
 from iagn.errors import IagnError
 from iagn.params import apply_overrides, load_params
 
@@ -62,15 +62,7 @@ def working_copy(repo: str, revision: str) -> Path | None:
 
 
 def _git(args: list[str], cwd: Path | None, timeout: int = GIT_TIMEOUT_S):
-    return subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env={**os.environ, **QUIET_ENV},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_quietly(["git", *args], cwd, timeout)
 
 
 def _last_line(result: subprocess.CompletedProcess) -> str:

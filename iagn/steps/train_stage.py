@@ -23,12 +23,10 @@ from iagn.io import sha256_file
 from iagn.models.iagn import IAGN, ModelConfig
 from iagn.train.checkpoint import check_compatible, load_checkpoint
 from iagn.train.config import (
-    data_config,
     model_config,
-    resolve_data_dir,
     stage_config,
 )
-from iagn.train.data import PreparedData, prepare_data
+from iagn.train.data import PreparedData, prepare_step_data
 from iagn.train.distributed import Runtime, init_runtime
 from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.precision import resolve_precision
@@ -84,8 +82,7 @@ def run(
     """Train stage `stage`; returns {"checkpoint", "history", "metrics"}."""
     runtime = runtime or init_runtime(device)
     config = stage_config(params, stage)
-    data_cfg = data_config(params)
-    prepared = prepare_data(resolve_data_dir(data, data_cfg), data_cfg)
+    prepared = prepare_step_data(data, params)
     seed_everything(config.seed)  # the same initial weights on every run and every rank
     model, model_cfg = build_model(params, prepared, Path(init) if init else None, stage)
     precision = resolve_precision(config.precision, runtime.device)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from iagn.data.dataset import FineGrainedDataset, build_transform, carve_validation
 from iagn.data.formats import load_manifest, resolve
 from iagn.data.manifest import class_names, manifest_digest
-from iagn.train.config import DataConfig
+from iagn.train.config import DataConfig, data_config, resolve_data_dir
 
 
 @dataclass
@@ -84,3 +84,9 @@ def prepare_data(data_dir: str | Path, config: DataConfig) -> PreparedData:
         digest=manifest_digest(manifest),
         config=config,
     )
+
+
+def prepare_step_data(data: str | Path | None, params: dict) -> PreparedData:
+    """The dataset a step works on: the folder `data`, else params.yaml's data.root."""
+    config = data_config(params)
+    return prepare_data(resolve_data_dir(data, config), config)

@@ -273,4 +273,4 @@ def _resume_state(partial: Path, spec: LoopSpec) -> dict | None:
         return None  # a corrupt leftover is replaced, never trusted
     current = spec.payload()
     same = all(previous.get(key) == current.get(key) for key in RESUME_IDENTITY)
-    return previous if same and not previous.get("complete") else None
+    return previous if same else None
