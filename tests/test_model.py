@@ -21,6 +21,7 @@ from iagn.models.backbones import build_resnet
 from iagn.models.iagn import IAGN, ModelConfig
 from iagn.models.jigsaw import jigsaw
 from iagn.models.student import Student, StudentConfig
+from iagn.train.config import distill_config
 
 
 def _patches(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -186,6 +187,8 @@ def test_student_can_start_from_the_teacher_trunk(model):
     x = torch.randn(2, 3, 64, 64)
     student.eval()
     assert torch.equal(student.features(x), teacher_trunk(x))
+    with pytest.raises(IagnError, match="student_init must be auto, teacher or weights"):
+        distill_config({"distill": {"student_init": "scratch"}})
     other = Student(StudentConfig(backbone="mobilenet_v3_small", num_classes=5))
     with pytest.raises(IagnError, match="student of the teacher's architecture"):
         other.copy_teacher_trunk(model, "resnet18")

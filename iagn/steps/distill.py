@@ -68,10 +68,6 @@ def run(
     seed_everything(config.seed)
     student = Student(student_cfg)
     teacher_backbone = teacher_ckpt["model_config"]["backbone"]
-    if config.student_init not in ("auto", "teacher", "weights"):
-        raise IagnError(
-            f"distill.student_init must be auto, teacher or weights, not {config.student_init!r}"
-        )
     if config.student_init == "teacher" or (
         config.student_init == "auto" and teacher_backbone == config.student
     ):

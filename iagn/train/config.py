@@ -95,6 +95,12 @@ class DistillConfig:
     seed: int = 0
     num_workers: int = 0
 
+    def check(self) -> None:
+        if self.student_init not in ("auto", "teacher", "weights"):
+            raise IagnError(
+                f"distill.student_init must be auto, teacher or weights, not {self.student_init!r}"
+            )
+
 
 def data_config(params: dict) -> DataConfig:
     return from_mapping(DataConfig, section(params, "data"), "data")
@@ -118,7 +124,9 @@ def stage_config(params: dict, stage: int) -> StageConfig:
 
 
 def distill_config(params: dict) -> DistillConfig:
-    return from_mapping(DistillConfig, section(params, "distill"), "distill")
+    config = from_mapping(DistillConfig, section(params, "distill"), "distill")
+    config.check()
+    return config
 
 
 def resolve_data_dir(data: str | Path | None, config: DataConfig) -> Path:
