@@ -66,7 +66,7 @@ def configured_remote(project: str | os.PathLike, name: str | None = None) -> Re
 
 
 def scrub(text: str) -> str:
-    """Drop `user:password@` from URLs inside a message."""
+    """Drop `user:password@` (tokens) from URLs inside a message: safe for logs and metadata."""
     return _USERINFO.sub("", text)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iagn.dvc_remote import configured_remote, explain_failure, run_dvc, run_quietly
+from iagn.dvc_remote import configured_remote, explain_failure, run_dvc, run_quietly, scrub
 from iagn.errors import IagnError
 from iagn.params import apply_overrides, load_params
 
@@ -43,11 +43,6 @@ class Fetched:
     dataset: Path  # the dataset folder (any supported layout)
     params: Path  # params.yaml with the run's overrides applied
     metadata: dict[str, Any]  # repo, revision, data root, DVC md5, images
-
-
-def scrub(url: str) -> str:
-    """A repository URL without user info (tokens), safe for logs and artifact metadata."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "", url)
 
 
 def is_url(repo: str) -> bool:
