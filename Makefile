@@ -55,7 +55,8 @@ format: setup  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-BENCHES := bench.validate_throughput bench.train_throughput bench.quality bench.kfp_overhead
+BENCHES := bench.validate_throughput bench.train_throughput bench.step_throughput bench.quality \
+	bench.kfp_overhead
 
 bench: setup  ## run the benchmarks; results land in bench/results/
 	@for bench in $(BENCHES); do echo "== $$bench"; $(BIN)/python -m $$bench || exit 1; done

@@ -7,6 +7,8 @@ epochs, optimizer and schedule, in one run on one machine. Reported: training im
   - ours at fp32,
   - the reference loop (4 sequential forward/backward/step per batch, per-patch Python
     jigsaw, fp32, default memory format).
+All on the same device (a CUDA GPU when there is one). `bench/step_throughput.py` times
+single steps at the paper's scale (ResNet-50, 448 px) instead.
 
     python bench/train_throughput.py [--epochs 6] [--batch-size 32]
 """
@@ -27,6 +29,7 @@ from iagn.models.iagn import IAGN
 from iagn.steps import train_stage
 from iagn.train.config import data_config, model_config
 from iagn.train.data import prepare_data
+from iagn.train.distributed import pick_device
 from iagn.train.evaluation import accuracy_on
 from iagn.train.loop import seed_everything
 from iagn.train.precision import resolve_precision
@@ -46,7 +49,8 @@ def run_ours(params: dict, data: Path, precision: str, epochs: int, out: Path) -
     prepared = prepare_data(data, data_config(params))
     model = IAGN(model_config(params, prepared.num_classes, prepared.class_names))
     model.load_state_dict(torch.load(out, weights_only=False)["model_state"])
-    test = accuracy_on(model, prepared.loader("test", False, 64), torch.device("cpu"), "fp32")
+    device = pick_device()
+    test = accuracy_on(model.to(device), prepared.loader("test", False, 64), device, "fp32")
     return {
         "precision": history[-1].get("precision", precision),
         "images_per_s": images / train_seconds,
@@ -61,7 +65,8 @@ def run_reference(params: dict, data: Path, epochs: int) -> dict:
     config = params["train"]
     prepared = prepare_data(data, data_config(params))
     seed_everything(config["seed"])
-    model = IAGN(model_config(params, prepared.num_classes, prepared.class_names))
+    device = pick_device()  # the device ours trains on
+    model = IAGN(model_config(params, prepared.num_classes, prepared.class_names)).to(device)
     optimizer = torch.optim.SGD(
         [
             {"params": model.backbone_parameters(), "lr": config["lr_backbone"]},
@@ -79,13 +84,13 @@ def run_reference(params: dict, data: Path, epochs: int) -> dict:
         model.train()
         started = time.perf_counter()
         for batch in loader:
-            reference_step(model, optimizer, batch["image"], batch["label"])
+            reference_step(model, optimizer, batch["image"].to(device), batch["label"].to(device))
             for _ in range(4):
                 scheduler.step()
             seen += batch["image"].shape[0]
         train_seconds += time.perf_counter() - started
         print(f"reference epoch {epoch + 1}/{epochs}: {seen / train_seconds:.1f} images/s")
-    test = accuracy_on(model, prepared.loader("test", False, 64), torch.device("cpu"), "fp32")
+    test = accuracy_on(model, prepared.loader("test", False, 64), device, "fp32")
     return {
         "precision": "fp32",
         "images_per_s": seen / train_seconds,
@@ -104,7 +109,7 @@ def main() -> None:
     if args.batch_size:
         params["train"]["batch_size"] = args.batch_size
     data = synthetic_dataset(params)
-    auto = resolve_precision("auto", torch.device("cpu"))
+    auto = resolve_precision("auto", pick_device())
     with tempfile.TemporaryDirectory() as tmp:
         results = {"ours_auto": run_ours(params, data, "auto", args.epochs, Path(tmp) / "a.pt")}
         if auto != "fp32":

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iagn.errors import IagnError
+from iagn.redact import scrub_text
 
 DVC_TIMEOUT_S = 3600
 QUIET_ENV = {"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
 _SECTION = re.compile(r"^'?remote\s+\"(?P<name>[^\"]+)\"'?$")
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,6 @@ def configured_remote(project: str | os.PathLike, name: str | None = None) -> Re
                 config.get(section, "endpointurl", fallback=""),
             )
     return None
-
-
-def scrub(text: str) -> str:
-    """Drop `user:password@` (tokens) from URLs inside a message: safe for logs and metadata."""
-    return _USERINFO.sub("", text)
 
 
 def _error_lines(output: str) -> list[str]:
@@ -132,9 +127,9 @@ def explain_failure(output: str, remote: Remote | None) -> str:
             return (
                 f"{problem.format(remote=shown, name=name)}\n"
                 f"  -> {fix.format(remote=shown, name=name)}\n"
-                f"  (DVC said: {scrub(_error_lines(output)[-1])[:300]})"
+                f"  (DVC said: {scrub_text(_error_lines(output)[-1])[:300]})"
             )
-    detail = "; ".join(scrub(line) for line in _error_lines(output))[:600]
+    detail = "; ".join(scrub_text(line) for line in _error_lines(output))[:600]
     return f"DVC failed with {shown}: {detail or '(no output)'}"
 
 
@@ -181,4 +176,4 @@ def transfer(
         if described is None and remote:
             described = Remote(remote)
         raise IagnError(f"`dvc {operation}` failed: " + explain_failure(output, described))
-    return scrub(done.stdout)
+    return scrub_text(done.stdout)

@@ -66,6 +66,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 from iagn.errors import IagnError
 from iagn.provenance import ENV_KFP_RUN, dvc_ancestor, provenance_tags
 from iagn.provenance import dvc_data_version as dvc_data_version  # re-exported (KFP fetch)
+from iagn.redact import scrub_text, scrub_uri
 
 ENV_PARENT_RUN = "IAGN_PARENT_RUN_ID"
 ENV_PIPELINE_RUN = "IAGN_PIPELINE_RUN"
@@ -85,7 +86,6 @@ TAG_FAILED_TASK = "iagn.kfp_failed_task"
 # MLflow caps a dataset digest at 36 characters; the full manifest sha256 is a run tag.
 DATASET_DIGEST_CHARS = 32
 _PIPELINE_NAME = re.compile(r"^[^'\"\\\x00-\x1f]{1,200}$")
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
 _METRIC_NAME_BAD = re.compile(r"[^/\w.\- :]")
 # Manifest columns (iagn/data/manifest.py) and their types, for the dataset's schema in MLflow.
 _MANIFEST_TYPES = {
@@ -102,19 +102,6 @@ _MANIFEST_TYPES = {
 
 
 # --- where runs go --------------------------------------------------------------------------
-
-
-def scrub_uri(uri: str) -> str:
-    """`uri` without user info and query (where tokens hide): safe to print, tag and log."""
-    parts = urlsplit(uri)
-    if not parts.netloc:
-        return uri  # sqlite:///path, file paths: no credentials possible
-    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
-
-
-def scrub_text(text: str) -> str:
-    """Drop `user:password@` from any URI inside a message."""
-    return _USERINFO.sub("***@", text)
 
 
 def tracking_enabled() -> bool:

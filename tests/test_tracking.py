@@ -18,7 +18,7 @@ from mlflow_server import (
     tracked_pipeline,
 )
 
-from iagn import provenance, runner, tracking
+from iagn import provenance, redact, runner, tracking
 from iagn.errors import IagnError
 from iagn.train.checkpoint import load_checkpoint
 
@@ -347,11 +347,11 @@ def test_tracking_off_runs_the_step_untracked(tiny_synth, tmp_path, monkeypatch)
 
 
 def test_scrubbing_and_flattening():
-    assert tracking.scrub_uri("https://u:p@mlflow.example.com:443/x?token=t") == (
+    assert redact.scrub_uri("https://u:p@mlflow.example.com:443/x?token=t") == (
         "https://mlflow.example.com:443/x"
     )
-    assert tracking.scrub_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
-    assert tracking.scrub_text("failed: http://a:b@h/api") == "failed: http://***@h/api"
+    assert redact.scrub_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert redact.scrub_text("failed: http://a:b@h/api") == "failed: http://***@h/api"
     assert tracking.flatten({"a": {"b": [1, 2], "c": None, "d": "x", "e": {}}}) == {
         "a.b": "[1, 2]",
         "a.c": "null",

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iagn.dvc_remote import configured_remote, explain_failure, run_dvc, run_quietly, scrub
+from iagn.dvc_remote import configured_remote, explain_failure, run_dvc, run_quietly
 from iagn.errors import IagnError
 from iagn.params import apply_overrides, load_params
+from iagn.redact import scrub_text
 
 SHA = re.compile(r"^[0-9a-f]{40}$")
 GIT_TIMEOUT_S = 300
@@ -63,7 +64,7 @@ def _git(args: list[str], cwd: Path | None, timeout: int = GIT_TIMEOUT_S):
 def _last_line(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
     errors = [line for line in lines if "ERROR" in line or "fatal" in line]
-    return scrub((errors or lines or ["(no output)"])[-1].strip())
+    return scrub_text((errors or lines or ["(no output)"])[-1].strip())
 
 
 def resolve_revision(repo: str, rev: str) -> str:
@@ -88,7 +89,7 @@ def resolve_revision(repo: str, rev: str) -> str:
     done = _git(["ls-remote", "--", repo, wanted], None, GIT_TIMEOUT_S)
     if done.returncode != 0:
         raise IagnError(
-            f"cannot read the git repository {scrub(repo)}: {_last_line(done)}\n"
+            f"cannot read the git repository {scrub_text(repo)}: {_last_line(done)}\n"
             "  -> check data_repo and that the repository is readable from where the step "
             "runs (network, a public or mirrored repository)"
         )
@@ -100,7 +101,7 @@ def resolve_revision(repo: str, rev: str) -> str:
             if name == suffix or (wanted == "HEAD" and name == "HEAD"):
                 return sha
     raise IagnError(
-        f"revision {wanted!r} is not a branch or tag of {scrub(repo)}; pass an existing "
+        f"revision {wanted!r} is not a branch or tag of {scrub_text(repo)}; pass an existing "
         "branch, tag or full 40-character commit as data_rev"
     )
 
@@ -192,7 +193,7 @@ def _git_folder(repo: str, tmp: Path) -> Path:
     )
     if done.returncode != 0:
         raise IagnError(
-            f"cannot clone {scrub(repo)}: {_last_line(done)}\n"
+            f"cannot clone {scrub_text(repo)}: {_last_line(done)}\n"
             "  -> check data_repo and that the repository is readable from where the step runs"
         )
     return clone
@@ -210,7 +211,7 @@ def _fetch_revision(
 
     from iagn.tracking import dvc_data_version
 
-    shown = scrub(repo)
+    shown = scrub_text(repo)
     with tempfile.TemporaryDirectory(prefix="iagn-fetch-") as tmp:
         folder = _git_folder(repo, Path(tmp))
         text = _git_show(folder, revision, "params.yaml")

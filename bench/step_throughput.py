@@ -1,0 +1,191 @@
+"""Training steps per second at the paper's scale: our stage-3 step vs the PMG research loop.
+
+`bench/train_throughput.py` trains both loops for whole epochs on the demo data (64 px
+ResNet-18), which also shows accuracy; this one times single optimizer steps on the recipe
+the speed target is about: `configs/cub.yaml` (ResNet-50, 448 px, batch 16, stage blocks
+of 512 channels, 200 classes), on random images, without data loading. Weights start
+random (no download); throughput does not depend on them. Loops, one after the other on the
+same device:
+  - ours at automatic precision (bf16 where native, else fp32) with the recipe's
+    channels_last, and ours at fp32;
+  - the reference loop (4 sequential forward/backward/step per batch, per-patch Python
+    jigsaw, fp32, default memory format).
+
+    python -m bench.step_throughput                          # the recipe: 448 px, batch 16
+    python -m bench.step_throughput --px 224 --batch-size 8  # a CPU-sized run
+
+A CPU at 448 px takes minutes per reference step; the results file records the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from bench.common import REPO, machine, write_results
+from bench.pmg_reference import reference_step
+from iagn.models.iagn import IAGN
+from iagn.params import load_params
+from iagn.train.config import model_config, stage_config
+from iagn.train.distributed import pick_device
+from iagn.train.precision import autocast, resolve_precision
+from iagn.train.stage_step import stage_step
+
+RECIPE = REPO / "configs" / "cub.yaml"
+CLASSES = 200
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_step(step: Callable[[], None], device: torch.device, warmup: int, steps: int):
+    """Median wall time of `steps` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def build_model(params: dict, device: torch.device, channels_last: bool) -> IAGN:
+    torch.manual_seed(0)
+    names = [f"class_{k}" for k in range(CLASSES)]
+    model = IAGN(model_config(params, CLASSES, names)).to(device)
+    model.train()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def sgd(model: IAGN, params: dict) -> torch.optim.Optimizer:
+    train = params["train"]
+    return torch.optim.SGD(
+        [
+            {"params": model.backbone_parameters(), "lr": train["lr_backbone"]},
+            {"params": model.head_parameters(), "lr": train["lr_head"]},
+        ],
+        momentum=train["momentum"],
+        weight_decay=train["weight_decay"],
+    )
+
+
+def time_ours(params, images, labels, precision, device, warmup, steps) -> float:
+    """One optimizer step of the training loop (iagn/train/loop.py) around `stage_step`."""
+    config = stage_config(params, 3)
+    model = build_model(params, device, config.channels_last)
+    optimizer = sgd(model, params)
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        with autocast(precision, device):
+            loss, _ = stage_step(model, images, labels, config, model.config.jigsaw, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+
+    return seconds_per_step(step, device, warmup, steps)
+
+
+def time_reference(params, images, labels, device, warmup, steps) -> float:
+    model = build_model(params, device, channels_last=False)
+    optimizer = sgd(model, params)
+    return seconds_per_step(
+        lambda: reference_step(model, optimizer, images, labels), device, warmup, steps
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--px", type=int, default=None, help="image size (recipe: 448)")
+    parser.add_argument("--batch-size", type=int, default=None, help="(recipe: 16)")
+    parser.add_argument("--backbone", default=None, help="(recipe: resnet50)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    args = parser.parse_args()
+
+    params = load_params(RECIPE)
+    params["model"]["weights"] = "none"
+    if args.backbone:
+        params["model"]["backbone"] = args.backbone
+    px = args.px or params["data"]["crop"]
+    batch = args.batch_size or params["train"]["batch_size"]
+    device = pick_device()
+    auto = resolve_precision("auto", device)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, px, px, generator=generator).to(device)
+    labels = torch.randint(0, CLASSES, (batch,), generator=generator).to(device)
+    timing = {"warmup": args.warmup, "steps": args.steps}
+
+    seconds = {"ours_auto": time_ours(params, images, labels, auto, device, **timing)}
+    print(f"ours ({auto}): {batch / seconds['ours_auto']:.2f} images/s", flush=True)
+    if auto != "fp32":
+        seconds["ours_fp32"] = time_ours(params, images, labels, "fp32", device, **timing)
+    else:
+        seconds["ours_fp32"] = seconds["ours_auto"]  # auto resolved to fp32 here
+    seconds["reference_fp32"] = time_reference(params, images, labels, device, **timing)
+    precisions = {"ours_auto": auto, "ours_fp32": "fp32", "reference_fp32": "fp32"}
+    results = {
+        name: {
+            "precision": precisions[name],
+            "seconds_per_step": value,
+            "images_per_s": batch / value,
+            "speedup_vs_reference": seconds["reference_fp32"] / value,
+        }
+        for name, value in seconds.items()
+    }
+
+    host = machine()
+    config = dataclasses.asdict(stage_config(params, 3))
+    settings = {
+        "recipe": str(RECIPE.relative_to(REPO)),
+        "backbone": params["model"]["backbone"],
+        "stage_channels": params["model"]["stage_channels"],
+        "image_px": px,
+        "batch_size": batch,
+        "classes": CLASSES,
+        "device": str(device),
+        "jigsaw_views": config["jigsaw_views"],
+        "attention_crop_fraction": config["attention_crop_fraction"],
+        "channels_last": config["channels_last"],
+        **timing,
+    }
+    lines = [
+        "# Training step throughput at the paper's scale: IAGN stage 3 vs the PMG loop",
+        "",
+        f"Machine: {host['cpu']} ({host['threads']} threads, native bf16: "
+        f"{host['cpu_native_bf16']}), torch {host['torch']}"
+        + (f", GPU {host['gpu']}" if "gpu" in host else "")
+        + ".",
+        f"Settings: {settings}. Random images, no data loading; median of the timed steps.",
+        "",
+        "| loop | precision | s/step | images/s | speed-up |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for name, row in results.items():
+        lines.append(
+            f"| {name} | {row['precision']} | {row['seconds_per_step']:.3f} | "
+            f"{row['images_per_s']:.2f} | {row['speedup_vs_reference']:.2f}x |"
+        )
+    lines.append("")
+    write_results(
+        "step_throughput",
+        "\n".join(lines) + "\n",
+        {"machine": host, "settings": settings, "results": results},
+    )
+
+
+if __name__ == "__main__":
+    main()
