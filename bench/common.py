@@ -32,6 +32,21 @@ def machine() -> dict:
     return info
 
 
+def machine_line(host: dict) -> str:
+    """The results files' "Machine:" line for `machine()`'s description."""
+    gpu = f", GPU {host['gpu']}" if "gpu" in host else ""
+    return (
+        f"Machine: {host['cpu']} ({host['threads']} threads, native bf16: "
+        f"{host['cpu_native_bf16']}), torch {host['torch']}{gpu}."
+    )
+
+
+def markdown_table(header: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a Markdown table; `align` per column: "l" or "r"."""
+    rule = ["---" if a == "l" else "---:" for a in align]
+    return [f"| {' | '.join(cells)} |" for cells in (header, rule, *rows)]
+
+
 def demo_params() -> dict:
     return load_params(REPO / "params.yaml")
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.common import REPO, machine, write_results
+from bench.common import REPO, machine, machine_line, markdown_table, write_results
 from bench.pmg_reference import reference_step
 from iagn.models.iagn import IAGN
 from iagn.params import load_params
@@ -162,24 +162,27 @@ def main() -> None:
         "channels_last": config["channels_last"],
         **timing,
     }
+    rows = [
+        [
+            name,
+            row["precision"],
+            f"{row['seconds_per_step']:.3f}",
+            f"{row['images_per_s']:.2f}",
+            f"{row['speedup_vs_reference']:.2f}x",
+        ]
+        for name, row in results.items()
+    ]
     lines = [
         "# Training step throughput at the paper's scale: IAGN stage 3 vs the PMG loop",
         "",
-        f"Machine: {host['cpu']} ({host['threads']} threads, native bf16: "
-        f"{host['cpu_native_bf16']}), torch {host['torch']}"
-        + (f", GPU {host['gpu']}" if "gpu" in host else "")
-        + ".",
+        machine_line(host),
         f"Settings: {settings}. Random images, no data loading; median of the timed steps.",
         "",
-        "| loop | precision | s/step | images/s | speed-up |",
-        "| --- | --- | ---: | ---: | ---: |",
+        *markdown_table(
+            ["loop", "precision", "s/step", "images/s", "speed-up"], list("llrrr"), rows
+        ),
+        "",
     ]
-    for name, row in results.items():
-        lines.append(
-            f"| {name} | {row['precision']} | {row['seconds_per_step']:.3f} | "
-            f"{row['images_per_s']:.2f} | {row['speedup_vs_reference']:.2f}x |"
-        )
-    lines.append("")
     write_results(
         "step_throughput",
         "\n".join(lines) + "\n",

@@ -23,7 +23,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import demo_params, machine, synthetic_dataset, write_results
+from bench.common import (
+    demo_params,
+    machine,
+    machine_line,
+    markdown_table,
+    synthetic_dataset,
+    write_results,
+)
 from bench.pmg_reference import reference_step
 from iagn.models.iagn import IAGN
 from iagn.steps import train_stage
@@ -133,25 +140,28 @@ def main() -> None:
         "jigsaw_views": params["train"]["jigsaw_views"],
         "attention_crop_fraction": params["train"]["attention_crop_fraction"],
     }
+    rows = [
+        [
+            name,
+            row["precision"],
+            f"{row['images_per_s']:.1f}",
+            f"{row['speedup_vs_reference']:.2f}x",
+            f"{row['test_acc_combined']:.3f}",
+            f"{row['test_acc_fused']:.3f}",
+        ]
+        for name, row in results.items()
+    ]
+    header = ["loop", "precision", "images/s", "speed-up"]
+    header += ["test acc (combined)", "test acc (fused)"]
     lines = [
         "# Training throughput: IAGN stage step vs the PMG research loop",
         "",
-        f"Machine: {host['cpu']} ({host['threads']} threads, native bf16: "
-        f"{host['cpu_native_bf16']}), torch {host['torch']}"
-        + (f", GPU {host['gpu']}" if "gpu" in host else "")
-        + ".",
+        machine_line(host),
         f"Settings: {settings}. Same data, model, optimizer and schedule; one run.",
         "",
-        "| loop | precision | images/s | speed-up | test acc (combined) | test acc (fused) |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        *markdown_table(header, list("llrrrr"), rows),
+        "",
     ]
-    for name, row in results.items():
-        lines.append(
-            f"| {name} | {row['precision']} | {row['images_per_s']:.1f} | "
-            f"{row['speedup_vs_reference']:.2f}x | {row['test_acc_combined']:.3f} | "
-            f"{row['test_acc_fused']:.3f} |"
-        )
-    lines.append("")
     write_results(
         "train_throughput",
         "\n".join(lines) + "\n",
