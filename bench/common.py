@@ -32,6 +32,13 @@ def machine() -> dict:
     return info
 
 
+def device_name(device: torch.device) -> str:
+    """What ran a figure: the GPU's name, or the CPU model and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
+
+
 def machine_line(host: dict) -> str:
     """The results files' "Machine:" line for `machine()`'s description."""
     gpu = f", GPU {host['gpu']}" if "gpu" in host else ""

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from bench.common import REPO, machine, machine_line, markdown_table, write_results
+from bench.common import REPO, device_name, machine, machine_line, markdown_table, write_results
 from bench.pmg_reference import reference_step
 from iagn.models.iagn import IAGN
 from iagn.params import load_params
@@ -129,13 +129,21 @@ def main() -> None:
     labels = torch.randint(0, CLASSES, (batch,), generator=generator).to(device)
     timing = {"warmup": args.warmup, "steps": args.steps}
 
-    seconds = {"ours_auto": time_ours(params, images, labels, auto, device, **timing)}
-    print(f"ours ({auto}): {batch / seconds['ours_auto']:.2f} images/s", flush=True)
+    where = device_name(device)
+
+    def report(name: str, precision: str, value: float) -> float:
+        print(f"{name} ({precision}, {where}): {batch / value:.2f} images/s", flush=True)
+        return value
+
+    value = time_ours(params, images, labels, auto, device, **timing)
+    seconds = {"ours_auto": report("ours auto", auto, value)}
     if auto != "fp32":
-        seconds["ours_fp32"] = time_ours(params, images, labels, "fp32", device, **timing)
+        value = time_ours(params, images, labels, "fp32", device, **timing)
+        seconds["ours_fp32"] = report("ours", "fp32", value)
     else:
         seconds["ours_fp32"] = seconds["ours_auto"]  # auto resolved to fp32 here
-    seconds["reference_fp32"] = time_reference(params, images, labels, device, **timing)
+    value = time_reference(params, images, labels, device, **timing)
+    seconds["reference_fp32"] = report("reference", "fp32", value)
     precisions = {"ours_auto": auto, "ours_fp32": "fp32", "reference_fp32": "fp32"}
     results = {
         name: {

@@ -25,6 +25,7 @@ import torch
 
 from bench.common import (
     demo_params,
+    device_name,
     machine,
     machine_line,
     markdown_table,
@@ -53,6 +54,12 @@ def run_ours(params: dict, data: Path, precision: str, epochs: int, out: Path) -
     history = result["history"]
     train_seconds = sum(h["epoch_seconds"] for h in history)
     images = sum(h["images_per_s"] * h["epoch_seconds"] for h in history)
+    resolved = resolve_precision(precision, pick_device())
+    print(
+        f"ours ({precision} = {resolved}), {len(history)} epochs: "
+        f"{images / train_seconds:.1f} images/s ({device_name(pick_device())})",
+        flush=True,
+    )
     prepared = prepare_data(data, data_config(params))
     model = IAGN(model_config(params, prepared.num_classes, prepared.class_names))
     model.load_state_dict(torch.load(out, weights_only=False)["model_state"])
@@ -96,7 +103,11 @@ def run_reference(params: dict, data: Path, epochs: int) -> dict:
                 scheduler.step()
             seen += batch["image"].shape[0]
         train_seconds += time.perf_counter() - started
-        print(f"reference epoch {epoch + 1}/{epochs}: {seen / train_seconds:.1f} images/s")
+        print(
+            f"reference epoch {epoch + 1}/{epochs}: {seen / train_seconds:.1f} images/s "
+            f"(fp32, {device_name(device)})",
+            flush=True,
+        )
     test = accuracy_on(model, prepared.loader("test", False, 64), device, "fp32")
     return {
         "precision": "fp32",

@@ -9,7 +9,7 @@ import bench.common
 from bench import step_throughput
 
 
-def test_step_throughput_times_all_loops_and_writes_results(tmp_path, monkeypatch):
+def test_step_throughput_times_all_loops_and_writes_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
     argv = ["step_throughput", "--backbone", "resnet18", "--px", "64", "--batch-size", "4"]
     monkeypatch.setattr(sys, "argv", [*argv, "--steps", "1", "--warmup", "0"])
@@ -27,3 +27,7 @@ def test_step_throughput_times_all_loops_and_writes_results(tmp_path, monkeypatc
     table = (tmp_path / "step_throughput.md").read_text()
     assert "| reference_fp32 | fp32 |" in table
     assert data["machine"]["cpu"] in table
+    # Every printed figure names its precision and the CPU it ran on.
+    figures = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" images/s")]
+    assert len(figures) == 2  # ours (auto = fp32 here) and the reference
+    assert all(f"fp32, {data['machine']['cpu']}" in line for line in figures), figures
