@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,23 @@ def test_bf16_training_step_runs(tiny_synth, tmp_path):
     params["train"]["precision"] = "bf16"
     result = train_stage.run(1, None, params, tmp_path / "s1.pt", quiet=True)
     assert torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+
+
+def test_fp16_training_scales_the_loss(tiny_synth, tmp_path, monkeypatch):
+    """fp16 (a CUDA-only choice, forced onto the CPU here) trains through a GradScaler whose
+    state is checkpointed; fp32 keeps no scaler state."""
+    monkeypatch.setattr(train_stage_module, "resolve_precision", lambda name, device: "fp16")
+    result = train_stage.run(1, None, tiny_params(tiny_synth), tmp_path / "s1.pt", quiet=True)
+    assert torch.isfinite(torch.tensor(result["metrics"]["loss"]))
+    checkpoint = load_checkpoint(tmp_path / "s1.pt")
+    scaler = checkpoint["scaler_state"]
+    # The scale starts at 2**16 and halves on every overflowing step: a power of two, > 0.
+    assert scaler["scale"] > 0 and math.log2(scaler["scale"]).is_integer()
+    weights = torch.cat([v.flatten().float() for v in checkpoint["model_state"].values()])
+    assert torch.isfinite(weights).all()
+    monkeypatch.undo()
+    train_stage.run(1, None, tiny_params(tiny_synth), tmp_path / "fp32.pt", quiet=True)
+    assert load_checkpoint(tmp_path / "fp32.pt")["scaler_state"] == {}
 
 
 def write_params(params: dict, path: Path) -> Path:

@@ -1,9 +1,10 @@
 """Checkpoints: one file with everything needed to resume, evaluate or serve.
 
 Contents: format tag, kind ("teacher" or "student"), model config and weights, optimizer,
-scheduler, epoch, step, RNG states, the training config, the dataset's manifest digest and
-class names, the per-epoch history and whether the run is complete. Written atomically
-(temporary file + rename), so a kill during the write leaves the previous checkpoint.
+scheduler, fp16 loss scaler, epoch, step, RNG states, the training config, the dataset's
+manifest digest and class names, the per-epoch history and whether the run is complete.
+Written atomically (temporary file + rename), so a kill during the write leaves the
+previous checkpoint.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The epoch loop shared by stage training and student distillation.
 
 It owns what every training run needs: seeded epochs (so a resumed run repeats exactly the
-batches of an uninterrupted one), mixed precision, channels_last, gradient clipping, the
-warm-up + cosine schedule, per-epoch validation, atomic checkpoints after every epoch,
-resume from the last checkpoint, a clear stop on a NaN loss, progress bars, and callbacks
-for experiment tracking. What a step computes is passed in as `step_fn`.
+batches of an uninterrupted one), mixed precision (with loss scaling for fp16),
+channels_last, gradient clipping, the warm-up + cosine schedule, per-epoch validation,
+atomic checkpoints after every epoch, resume from the last checkpoint, a clear stop on a
+NaN loss, progress bars, and callbacks for experiment tracking. What a step computes is
+passed in as `step_fn`.
 
 Files: the finished model goes to `out` only when the last epoch is done; the epochs before
 go to `<out>.partial`. So `out` (and its history/metrics JSON) is either the previous
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from iagn.errors import IagnError
 from iagn.io import write_json_atomic
 from iagn.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from iagn.train.distributed import Runtime, all_reduce_mean, barrier
-from iagn.train.precision import autocast
+from iagn.train.precision import autocast, grad_scaler
 from iagn.train.schedule import warmup_cosine
 
 StepFn = Callable[[torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
@@ -149,6 +151,7 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         warmup_steps=round(spec.warmup_epochs * steps_per_epoch),
         total_steps=spec.epochs * steps_per_epoch,
     )
+    scaler = grad_scaler(spec.precision, device)
     start_epoch, step, history = 0, 0, []
     partial = partial_path(out)
     resumed = _resume_state(partial, spec)
@@ -156,6 +159,8 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         model.load_state_dict(resumed["model_state"])
         optimizer.load_state_dict(resumed["optimizer_state"])
         scheduler.load_state_dict(resumed["scheduler_state"])
+        if resumed.get("scaler_state"):
+            scaler.load_state_dict(resumed["scaler_state"])
         start_epoch, step, history = resumed["epoch"], resumed["step"], resumed["history"]
         set_rng_state(resumed["rng"])
         if runtime.is_main and not quiet:
@@ -178,6 +183,7 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
                 "model_state": model.state_dict(),
                 "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(),
+                "scaler_state": scaler.state_dict(),  # empty unless fp16
                 "epoch": epoch,
                 "step": step,
                 "rng": rng_state(),
@@ -212,11 +218,17 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
                     "precision fp32."
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if spec.grad_clip > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
+            scaler.update()
+            with warnings.catch_warnings():
+                # The schedule follows the batch count even when fp16 skipped the optimizer
+                # step (so a resumed run lines up); PyTorch's order warning is noise then.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                scheduler.step()
             step += 1
             count = batch["image"].shape[0]
             seen += count
