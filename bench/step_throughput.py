@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from bench.common import REPO, device_name, machine, machine_line, markdown_table, write_results
 from bench.pmg_reference import reference_step
+from iagn.evaluation.speed import timed
 from iagn.models.iagn import IAGN
 from iagn.params import load_params
 from iagn.train.config import model_config, stage_config
@@ -40,23 +40,11 @@ RECIPE = REPO / "configs" / "cub.yaml"
 CLASSES = 200
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seconds_per_step(step: Callable[[], None], device: torch.device, warmup: int, steps: int):
     """Median wall time of `steps` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        started = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(timed(step, device) for _ in range(steps))
 
 
 def build_model(params: dict, device: torch.device, channels_last: bool) -> IAGN:

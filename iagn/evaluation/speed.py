@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of `fn()`, waiting for the GPU's queued work on both ends."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -34,8 +35,8 @@ def measure_speed(
     for _ in range(2):  # warm-up: allocator, kernels, oneDNN primitive caches
         predict(single)
         predict(batch)
-    latencies = [_timed(lambda: predict(single), device) for _ in range(repeats)]
-    batch_times = [_timed(lambda: predict(batch), device) for _ in range(max(2, repeats // 3))]
+    latencies = [timed(lambda: predict(single), device) for _ in range(repeats)]
+    batch_times = [timed(lambda: predict(batch), device) for _ in range(max(2, repeats // 3))]
     return {
         "latency_ms": 1000 * statistics.median(latencies),
         "throughput_ips": batch_size / statistics.median(batch_times),
