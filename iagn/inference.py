@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_rgb
+from iagn.evaluation.calibration import checkpoint_temperature
 from iagn.evaluation.plots import overlay
 from iagn.evaluation.predictor import Predictor
 from iagn.models.load import load_model
@@ -30,17 +31,27 @@ class ImageClassifier:
         crop: int,
         device: str = "cpu",
         attention_threshold: float = 0.5,
+        temperature: float = 1.0,
     ):
         self.class_names = list(class_names)
         self.resize, self.crop = resize, crop
         self.transform = build_transform(False, resize, crop)
-        self.predictor = Predictor(model, pick_device(device), "fp32", attention_threshold)
+        self.predictor = Predictor(
+            model, pick_device(device), "fp32", attention_threshold, temperature=temperature
+        )
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> ImageClassifier:
         model, checkpoint = load_model(path)
         data = checkpoint["data"]
-        return cls(model, data["class_names"], data["resize"], data["crop"], device)
+        return cls(
+            model,
+            data["class_names"],
+            data["resize"],
+            data["crop"],
+            device,
+            temperature=checkpoint_temperature(checkpoint),
+        )
 
     def _to_original(self, box: torch.Tensor, width: int, height: int) -> list[float]:
         """Undo resize + centre crop: a box in crop pixels -> original image pixels."""

@@ -83,6 +83,31 @@ def test_checkpoint_holds_everything_needed_to_resume_and_serve(pipeline_outputs
         assert key in history, key
 
 
+def test_final_checkpoints_carry_a_temperature_fitted_on_val(pipeline_outputs, tiny_synth):
+    from iagn.evaluation.predictor import Predictor
+    from iagn.models.load import load_model
+    from iagn.train.data import prepare_step_data
+    from iagn.train.loop import metrics_path
+
+    for name in ("s3.pt", "student.pt"):
+        model, checkpoint = load_model(pipeline_outputs["dir"] / name)
+        fitted = checkpoint["calibration"]
+        assert fitted["split"] == "val" and fitted["images"] > 0
+        assert 0.05 <= fitted["temperature"] <= 20.0
+        assert fitted["nll_after"] <= fitted["nll_before"] + 1e-6  # T = 1 was a candidate
+        metrics = json.loads(metrics_path(pipeline_outputs["dir"] / name).read_text())
+        assert metrics["temperature"] == fitted["temperature"]
+        assert metrics["val_ece_calibrated"] == fitted["ece_after"]
+        # The served logits are the raw prediction divided by T: same classes.
+        prepared = prepare_step_data(None, pipeline_outputs["params"])
+        images = next(iter(prepared.loader("test", False, 4)))["image"]
+        temperature = fitted["temperature"]
+        served = Predictor(model, temperature=temperature)(images).logits
+        raw = served["two_pass" if name == "s3.pt" else "student"]
+        torch.testing.assert_close(served["final"], raw / temperature)
+        assert torch.equal(served["final"].argmax(1), raw.argmax(1))
+
+
 def test_stage_heads_train_progressively(pipeline_outputs):
     results = pipeline_outputs["results"]
     assert "loss_head1" in results[1]["history"][0]
@@ -122,6 +147,9 @@ def test_evaluate_teacher_and_student(pipeline_outputs, tmp_path):
         assert key in teacher, key
     assert 0.0 <= teacher["pointing_game"] <= 1.0
     assert teacher["images"] == 12 and len(teacher["per_class_accuracy"]) == 4
+    teacher_checkpoint = load_checkpoint(pipeline_outputs["dir"] / "s3.pt")
+    assert teacher["temperature"] == teacher_checkpoint["calibration"]["temperature"]
+    assert 0.0 <= teacher["ece_uncalibrated"] <= 1.0
     assert "top1_student" in student and "top1_head1" not in student
     assert student["parameters"] < teacher["parameters"]
     written = json.loads((tmp_path / "t" / "metrics.json").read_text())

@@ -5,6 +5,8 @@ prediction; the fused head's activation map gives the attention box; the two-pas
 prediction averages the combined logits of the full image and of the attended crop
 (the box grown by a fixed margin, resized to the input size).
 Student: one pass, its own activation map and box.
+"final", what is served, is that prediction divided by the checkpoint's fitted temperature
+(iagn/evaluation/calibration.py): the same argmax, calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ class Predictor:
         precision: str = "fp32",
         attention_threshold: float = 0.5,
         two_pass: bool = True,
+        temperature: float = 1.0,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.precision = precision
         self.threshold = attention_threshold
         self.two_pass = two_pass
+        self.temperature = temperature
         self.is_teacher = isinstance(model, IAGN)
 
     @torch.no_grad()
@@ -56,17 +60,18 @@ class Predictor:
                 logits, cam = self.model.forward_with_map(
                     images, None if classes is None else classes.to(self.device)
                 )
-                logits = {"student": logits.float(), "final": logits.float()}
+                logits = {"student": logits.float()}
+                logits["final"] = logits["student"] / self.temperature
                 return Prediction(logits, cam, boxes_from_maps(cam, size, self.threshold))
             output = self.model(images)
             logits = {k: v.float() for k, v in logits_by_head(output).items()}
             target = logits["combined"].argmax(1) if classes is None else classes.to(self.device)
             cam = self.model.class_activation_map(output, target)
             boxes = boxes_from_maps(cam, size, self.threshold)
-            logits["final"] = logits["combined"]
+            served = logits["combined"]
             if self.two_pass:
                 crops = crop_and_resize(images, expand_boxes(boxes, size, TEST_CROP_MARGIN))
                 second = self.model(crops).combined_logits().float()
-                logits["two_pass"] = (logits["combined"] + second) / 2
-                logits["final"] = logits["two_pass"]
+                logits["two_pass"] = served = (logits["combined"] + second) / 2
+            logits["final"] = served / self.temperature
         return Prediction(logits, cam, boxes)

@@ -2,7 +2,8 @@
 
 On the test split: top-1/top-5 of every head (teacher: three stage heads, fused, combined,
 two-pass; student: its single head), per-class accuracy, confusion matrix, expected
-calibration error with a reliability diagram, localization of the attention against the
+calibration error with a reliability diagram (of the served, temperature-scaled prediction;
+`ece_uncalibrated` without the scaling), localization of the attention against the
 ground-truth boxes (pointing game and box accuracy), an attention gallery of a fixed sample
 of test images, latency and throughput on the current device, parameter count and size.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from iagn.evaluation.calibration import checkpoint_temperature
 from iagn.evaluation.localization import box_hits, ground_truth_boxes, pointing_hits
 from iagn.evaluation.metrics import calibration, confusion_matrix, per_class_accuracy, topk_accuracy
 from iagn.evaluation.plots import attention_gallery, confusion_plot, reliability_plot
@@ -58,7 +60,10 @@ def run(
     prepared = prepare_step_data(data, params)
     torch_device = pick_device(device)
     precision = resolve_precision(settings["precision"], torch_device)
-    predictor = Predictor(model, torch_device, precision, settings["attention_threshold"])
+    temperature = checkpoint_temperature(checkpoint)
+    predictor = Predictor(
+        model, torch_device, precision, settings["attention_threshold"], temperature=temperature
+    )
     loader = prepared.loader(settings["split"], train=False, batch_size=settings["batch_size"])
 
     logits: dict[str, list] = {}
@@ -109,6 +114,8 @@ def run(
     )
     ece, table = calibration(final, labels_t)
     metrics["ece"] = ece
+    metrics["temperature"] = temperature
+    metrics["ece_uncalibrated"] = calibration(final * temperature, labels_t)[0]
     usable_t = torch.cat(usable)
     if usable_t.any():
         metrics["pointing_game"] = float(torch.cat(points)[usable_t].float().mean())

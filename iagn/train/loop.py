@@ -60,6 +60,8 @@ class LoopSpec:
     payload: Callable[[], dict]  # what the checkpoint adds: kind, configs, data identity
     description: str = "train"
     ddp_find_unused: bool = False  # True when some parameters get no loss (early stages)
+    # After the last epoch, on the main rank: more for the final checkpoint (calibration).
+    finalize: Callable[[torch.nn.Module], dict] | None = None
     # After each epoch, with (epoch, record); a callback that raises stops the run cleanly.
     callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)
 
@@ -69,11 +71,24 @@ def standard_spec(config, prepared, runtime: Runtime, precision: str, **fields) 
     stage or distill config (`epochs`, `batch_size`, `momentum`, `weight_decay`,
     `warmup_epochs`, `grad_clip`, `channels_last`, `seed`, `num_workers`) and `prepared`
     data; `fields` supply the rest (model, param groups, step, payload, ...)."""
+    from iagn.evaluation.calibration import calibrate
+    from iagn.evaluation.predictor import Predictor
     from iagn.train.evaluation import accuracy_on
 
+    def val_loader():
+        return prepared.loader("val", train=False, batch_size=config.batch_size * 2)
+
     def validate(trained: torch.nn.Module) -> dict[str, float]:
-        loader = prepared.loader("val", train=False, batch_size=config.batch_size * 2)
-        return accuracy_on(trained, loader, runtime.device, precision, prefix="val_")
+        return accuracy_on(trained, val_loader(), runtime.device, precision, prefix="val_")
+
+    def fit_calibration(trained: torch.nn.Module) -> dict:
+        """The temperature of the served prediction (as `Predictor` makes it), on val."""
+        predictor = Predictor(trained, runtime.device, precision)
+        logits, labels = [], []
+        for batch in val_loader():
+            logits.append(predictor(batch["image"]).logits["final"].cpu())
+            labels.append(batch["label"])
+        return {"calibration": calibrate(torch.cat(logits), torch.cat(labels), "val")}
 
     def train_loader(epoch: int):
         return prepared.loader(
@@ -97,6 +112,7 @@ def standard_spec(config, prepared, runtime: Runtime, precision: str, **fields) 
         seed=config.seed,
         validate_fn=validate,
         make_loader=train_loader,
+        finalize=fit_calibration,
         **fields,
     )
 
@@ -173,7 +189,7 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             model, device_ids=ids, find_unused_parameters=spec.ddp_find_unused
         )
 
-    def checkpoint(epoch: int, complete: bool) -> None:
+    def checkpoint(epoch: int, complete: bool, extra: dict | None = None) -> None:
         if not runtime.is_main:
             return
         save_checkpoint(
@@ -189,6 +205,7 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
                 "rng": rng_state(),
                 "history": history,
                 "complete": complete,
+                **(extra or {}),
             },
         )
 
@@ -262,7 +279,15 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             )
         for callback in spec.callbacks:
             callback(epoch + 1, record)
-    checkpoint(spec.epochs, complete=True)
+    final = spec.finalize(model) if spec.finalize and runtime.is_main and history else {}
+    if "calibration" in final:  # also in the metrics file, for `dvc metrics` and MLflow
+        fitted = final["calibration"]
+        history[-1].update(
+            temperature=fitted["temperature"],
+            val_ece=fitted["ece_before"],
+            val_ece_calibrated=fitted["ece_after"],
+        )
+    checkpoint(spec.epochs, complete=True, extra=final)
     if runtime.is_main and history:
         write_json_atomic(history_path(out), history)
         write_json_atomic(metrics_path(out), history[-1])
