@@ -91,6 +91,11 @@ def test_per_epoch_metrics_of_training(mlflow_server, runs):
         steps["train-stage-3"].data.metrics
     )
     assert {"loss", "loss_kd", "val_acc"} <= set(steps["distill"].data.metrics)
+    # The temperature fitted after the last epoch reaches the run too.
+    for step in ("train-stage-3", "distill"):
+        logged = steps[step].data.metrics
+        assert 0.05 <= logged["temperature"] <= 20.0, step
+        assert logged["val_nll_calibrated"] <= logged["val_nll"] + 1e-6, step
 
 
 def test_final_evaluation_metrics_and_artifacts_in_s3(mlflow_server, runs, tracked_pipeline):
