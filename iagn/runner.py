@@ -63,25 +63,13 @@ def validate(
 
 
 def _log_trained(run: tracking.StepRun, result: dict, out: Path, model_kind: str | None) -> None:
-    """After training: epochs the callback missed, the calibration, the dataset and (when
-    final) the model."""
+    """After training: epochs the callback missed, the dataset and (when final) the model."""
     if not run.active:
         return
     from iagn.train.checkpoint import load_checkpoint
 
     run.log_history(result["history"])
     checkpoint = load_checkpoint(out)
-    fitted = checkpoint.get("calibration")
-    if fitted:  # fitted after the last epoch, so its callback could not log it
-        run.log_metrics(
-            {
-                "temperature": fitted["temperature"],
-                "val_ece": fitted["ece_before"],
-                "val_ece_calibrated": fitted["ece_after"],
-                "val_nll": fitted["nll_before"],
-                "val_nll_calibrated": fitted["nll_after"],
-            }
-        )
     run.log_dataset(checkpoint["data"], "train")
     if model_kind is not None:
         _log_model(run, checkpoint, out, model_kind)

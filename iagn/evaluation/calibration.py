@@ -59,6 +59,17 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, split: str) -> dict[st
     }
 
 
+def calibration_metrics(fitted: dict[str, Any]) -> dict[str, float]:
+    """A `calibrate` result as the final epoch's metrics (metrics file, MLflow)."""
+    return {
+        "temperature": fitted["temperature"],
+        "val_ece": fitted["ece_before"],
+        "val_ece_calibrated": fitted["ece_after"],
+        "val_nll": fitted["nll_before"],
+        "val_nll_calibrated": fitted["nll_after"],
+    }
+
+
 def checkpoint_temperature(checkpoint: dict) -> float:
     """The checkpoint's fitted temperature; 1 (no scaling) for checkpoints without one."""
     return float((checkpoint.get("calibration") or {}).get("temperature", 1.0))

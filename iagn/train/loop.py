@@ -60,8 +60,10 @@ class LoopSpec:
     payload: Callable[[], dict]  # what the checkpoint adds: kind, configs, data identity
     description: str = "train"
     ddp_find_unused: bool = False  # True when some parameters get no loss (early stages)
-    # After the last epoch, on the main rank: more for the final checkpoint (calibration).
-    finalize: Callable[[torch.nn.Module], dict] | None = None
+    # After the last epoch's validation, on the main rank, with (model, that epoch's record):
+    # may add to the record (before callbacks see it) and returns more for the finished
+    # checkpoint (the calibration).
+    finalize: Callable[[torch.nn.Module, dict], dict] | None = None
     # After each epoch, with (epoch, record); a callback that raises stops the run cleanly.
     callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)
 
@@ -71,7 +73,7 @@ def standard_spec(config, prepared, runtime: Runtime, precision: str, **fields) 
     stage or distill config (`epochs`, `batch_size`, `momentum`, `weight_decay`,
     `warmup_epochs`, `grad_clip`, `channels_last`, `seed`, `num_workers`) and `prepared`
     data; `fields` supply the rest (model, param groups, step, payload, ...)."""
-    from iagn.evaluation.calibration import calibrate
+    from iagn.evaluation.calibration import calibrate, calibration_metrics
     from iagn.evaluation.predictor import Predictor
     from iagn.train.evaluation import accuracy_on
 
@@ -81,14 +83,17 @@ def standard_spec(config, prepared, runtime: Runtime, precision: str, **fields) 
     def validate(trained: torch.nn.Module) -> dict[str, float]:
         return accuracy_on(trained, val_loader(), runtime.device, precision, prefix="val_")
 
-    def fit_calibration(trained: torch.nn.Module) -> dict:
-        """The temperature of the served prediction (as `Predictor` makes it), on val."""
+    def fit_calibration(trained: torch.nn.Module, record: dict) -> dict:
+        """The temperature of the served prediction (as `Predictor` makes it), on val; its
+        numbers also go into the final record (metrics file, MLflow)."""
         predictor = Predictor(trained, runtime.device, precision)
         logits, labels = [], []
         for batch in val_loader():
             logits.append(predictor(batch["image"]).logits["final"].cpu())
             labels.append(batch["label"])
-        return {"calibration": calibrate(torch.cat(logits), torch.cat(labels), "val")}
+        fitted = calibrate(torch.cat(logits), torch.cat(labels), "val")
+        record.update(calibration_metrics(fitted))
+        return {"calibration": fitted}
 
     def train_loader(epoch: int):
         return prepared.loader(
@@ -169,6 +174,7 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
     )
     scaler = grad_scaler(spec.precision, device)
     start_epoch, step, history = 0, 0, []
+    final: dict = {}  # what `finalize` adds to the finished checkpoint
     partial = partial_path(out)
     resumed = _resume_state(partial, spec)
     if resumed is not None:
@@ -267,8 +273,11 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         model.eval()
         record.update(spec.validate_fn(model))
         record["epoch"] = epoch + 1
+        last = epoch + 1 == spec.epochs
+        if last and spec.finalize and runtime.is_main:
+            final = spec.finalize(model, record)
         history.append(record)
-        if epoch + 1 < spec.epochs:
+        if not last:
             checkpoint(epoch + 1, complete=False)
         barrier(runtime)
         if runtime.is_main and not quiet:
@@ -279,14 +288,6 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             )
         for callback in spec.callbacks:
             callback(epoch + 1, record)
-    final = spec.finalize(model) if spec.finalize and runtime.is_main and history else {}
-    if "calibration" in final:  # also in the metrics file, for `dvc metrics` and MLflow
-        fitted = final["calibration"]
-        history[-1].update(
-            temperature=fitted["temperature"],
-            val_ece=fitted["ece_before"],
-            val_ece_calibrated=fitted["ece_after"],
-        )
     checkpoint(spec.epochs, complete=True, extra=final)
     if runtime.is_main and history:
         write_json_atomic(history_path(out), history)
