@@ -71,7 +71,7 @@ def resolve_revision(repo: str, rev: str) -> str:
     """The commit `rev` names in `repo`; for the working copy, a fingerprint of it."""
     folder = working_copy(repo, rev)
     if folder is not None:
-        head = _git(["rev-parse", "HEAD"], folder, GIT_TIMEOUT_S)
+        head = _git(["rev-parse", "HEAD"], folder)
         md5 = _dvc_md5(folder)
         commit = head.stdout.strip() if head.returncode == 0 else "no-git"
         return f"working-copy:{commit}:{md5 or 'no-dvc'}"
@@ -86,7 +86,7 @@ def resolve_revision(repo: str, rev: str) -> str:
             f"revision {wanted!r} is not in the git repository {repo}: {_last_line(done)}; "
             "pass a branch, tag or commit of it as data_rev"
         )
-    done = _git(["ls-remote", "--", repo, wanted], None, GIT_TIMEOUT_S)
+    done = _git(["ls-remote", "--", repo, wanted], None)
     if done.returncode != 0:
         raise IagnError(
             f"cannot read the git repository {scrub_text(repo)}: {_last_line(done)}\n"
@@ -200,7 +200,7 @@ def _git_folder(repo: str, tmp: Path) -> Path:
 
 
 def _git_show(folder: Path, revision: str, path: str) -> str | None:
-    done = _git(["show", f"{revision}:{path}"], folder, GIT_TIMEOUT_S)
+    done = _git(["show", f"{revision}:{path}"], folder)
     return done.stdout if done.returncode == 0 else None
 
 
