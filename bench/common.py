@@ -54,6 +54,18 @@ def markdown_table(header: list[str], align: list[str], rows: list[list[str]]) -
     return [f"| {' | '.join(cells)} |" for cells in (header, rule, *rows)]
 
 
+def sgd(model, train: dict) -> torch.optim.Optimizer:
+    """SGD with the IAGN model's two learning-rate groups, from a params.yaml `train` section."""
+    return torch.optim.SGD(
+        [
+            {"params": model.backbone_parameters(), "lr": train["lr_backbone"]},
+            {"params": model.head_parameters(), "lr": train["lr_head"]},
+        ],
+        momentum=train["momentum"],
+        weight_decay=train["weight_decay"],
+    )
+
+
 def demo_params() -> dict:
     return load_params(REPO / "params.yaml")
 

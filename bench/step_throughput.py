@@ -26,7 +26,15 @@ from collections.abc import Callable
 
 import torch
 
-from bench.common import REPO, device_name, machine, machine_line, markdown_table, write_results
+from bench.common import (
+    REPO,
+    device_name,
+    machine,
+    machine_line,
+    markdown_table,
+    sgd,
+    write_results,
+)
 from bench.pmg_reference import reference_step
 from iagn.evaluation.speed import timed
 from iagn.models.iagn import IAGN
@@ -55,23 +63,11 @@ def build_model(params: dict, device: torch.device, channels_last: bool) -> IAGN
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def sgd(model: IAGN, params: dict) -> torch.optim.Optimizer:
-    train = params["train"]
-    return torch.optim.SGD(
-        [
-            {"params": model.backbone_parameters(), "lr": train["lr_backbone"]},
-            {"params": model.head_parameters(), "lr": train["lr_head"]},
-        ],
-        momentum=train["momentum"],
-        weight_decay=train["weight_decay"],
-    )
-
-
 def time_ours(params, images, labels, precision, device, warmup, steps) -> float:
     """One optimizer step of the training loop (iagn/train/loop.py) around `stage_step`."""
     config = stage_config(params, 3)
     model = build_model(params, device, config.channels_last)
-    optimizer = sgd(model, params)
+    optimizer = sgd(model, params["train"])
     if config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(0)
@@ -89,7 +85,7 @@ def time_ours(params, images, labels, precision, device, warmup, steps) -> float
 
 def time_reference(params, images, labels, device, warmup, steps) -> float:
     model = build_model(params, device, channels_last=False)
-    optimizer = sgd(model, params)
+    optimizer = sgd(model, params["train"])
     return seconds_per_step(
         lambda: reference_step(model, optimizer, images, labels), device, warmup, steps
     )

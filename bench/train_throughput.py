@@ -29,6 +29,7 @@ from bench.common import (
     machine,
     machine_line,
     markdown_table,
+    sgd,
     synthetic_dataset,
     write_results,
 )
@@ -81,14 +82,7 @@ def run_reference(params: dict, data: Path, epochs: int) -> dict:
     seed_everything(config["seed"])
     device = pick_device()  # the device ours trains on
     model = IAGN(model_config(params, prepared.num_classes, prepared.class_names)).to(device)
-    optimizer = torch.optim.SGD(
-        [
-            {"params": model.backbone_parameters(), "lr": config["lr_backbone"]},
-            {"params": model.head_parameters(), "lr": config["lr_head"]},
-        ],
-        momentum=config["momentum"],
-        weight_decay=config["weight_decay"],
-    )
+    optimizer = sgd(model, config)
     steps = epochs * len(prepared.loader("train", True, config["batch_size"]))
     # The reference takes 4 optimizer steps per batch.
     scheduler = warmup_cosine(optimizer, 0, 4 * steps)
