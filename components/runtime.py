@@ -125,7 +125,7 @@ def markdown_table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> str:
 
 def _key_metrics() -> tuple[str, ...]:
     """The headline numbers: the ones the registry also puts on a model version."""
-    from iagn.steps.register import VERSION_METRICS
+    from iagn.registry import VERSION_METRICS
 
     return VERSION_METRICS
 

@@ -5,9 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from iagn.steps.register import CHALLENGER, CHAMPION, TAG_CHECKPOINT, TAG_KIND
 from iagn.tracking import TAG_PIPELINE_RUN
 
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+TAG_CHECKPOINT = "iagn.checkpoint_sha256"
+TAG_KIND = "iagn.kind"
+# Evaluation numbers copied to each version's tags: what `iagn models` shows and what the
+# champion comparison reads.
+VERSION_METRICS = (
+    "top1",
+    "top5",
+    "top1_fused",
+    "top1_combined",
+    "top1_two_pass",
+    "pointing_game",
+    "box_accuracy",
+    "ece",
+    "latency_ms",
+    "throughput_ips",
+    "parameters",
+    "checkpoint_mb",
+)
 TAG_MODEL_URI = "iagn.model_uri"
 TAG_MODEL_ID = "iagn.model_id"
 TABLE_METRICS = ("top1", "pointing_game", "box_accuracy", "ece", "latency_ms")

@@ -81,8 +81,7 @@ def _log_model(
     """Log the checkpoint as a pyfunc model; tag the run so `register` can find it."""
     from iagn import serving
     from iagn.io import sha256_file
-    from iagn.registry import TAG_MODEL_ID, TAG_MODEL_URI, LoggedModel
-    from iagn.steps.register import TAG_CHECKPOINT, TAG_KIND
+    from iagn.registry import TAG_CHECKPOINT, TAG_KIND, TAG_MODEL_ID, TAG_MODEL_URI, LoggedModel
 
     sha = sha or sha256_file(path)
     with tracking.mlflow_errors(run.uri):
@@ -167,8 +166,7 @@ def _log_evaluation(run: tracking.StepRun, metrics: dict, model_path: Path, out:
     import mlflow
 
     from iagn.io import sha256_file
-    from iagn.registry import find_logged_model
-    from iagn.steps.register import TAG_CHECKPOINT, TAG_KIND
+    from iagn.registry import TAG_CHECKPOINT, TAG_KIND, find_logged_model
     from iagn.train.checkpoint import load_checkpoint
 
     kind = metrics["kind"]

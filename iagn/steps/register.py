@@ -27,29 +27,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from iagn.errors import IagnError
+from iagn.registry import CHALLENGER, CHAMPION, TAG_CHECKPOINT, TAG_KIND, VERSION_METRICS
 from iagn.tracking import TAG_PIPELINE_RUN
 
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-TAG_CHECKPOINT = "iagn.checkpoint_sha256"
-TAG_KIND = "iagn.kind"
 LOWER_IS_BETTER = frozenset({"latency_ms", "ece", "checkpoint_mb", "parameters"})
-# Evaluation numbers copied to each version's tags: what `iagn models` shows and what the
-# champion comparison reads.
-VERSION_METRICS = (
-    "top1",
-    "top5",
-    "top1_fused",
-    "top1_combined",
-    "top1_two_pass",
-    "pointing_game",
-    "box_accuracy",
-    "ece",
-    "latency_ms",
-    "throughput_ips",
-    "parameters",
-    "checkpoint_mb",
-)
 _MODEL_NAME = re.compile(r"^[\w.\- ]{1,200}$")
 
 
