@@ -44,7 +44,8 @@ demo: data  ## the main job end to end: the KFP pipeline run locally, a register
 	@echo "dataset: data/synth (tracked by data.dvc, pushed to the local DVC remote .dvcstore/)"
 	$(BIN)/iagn-pipeline run-local
 
-test: setup  ## run the test suite
+test: setup  ## install what the tests need (Chromium, git), then run the test suite
+	@bash scripts/test_deps.sh
 	$(BIN)/python -m pytest
 
 lint: setup  ## ruff lint and format check

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from iagn.data.synth import SynthConfig, generate
+from iagn.device import cpu_has_native_bf16, cpu_model
+from iagn.device import device_name as device_name  # re-exported for the benchmarks
 from iagn.io import write_text_atomic
 from iagn.params import load_params
-from iagn.train.precision import cpu_has_native_bf16, cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
@@ -30,13 +31,6 @@ def machine() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def device_name(device: torch.device) -> str:
-    """What ran a figure: the GPU's name, or the CPU model and thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def machine_line(host: dict) -> str:

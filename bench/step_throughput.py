@@ -36,12 +36,12 @@ from bench.common import (
     write_results,
 )
 from bench.pmg_reference import reference_step
+from iagn.device import pick_device
 from iagn.evaluation.speed import timed
 from iagn.models.iagn import IAGN
 from iagn.params import load_params
+from iagn.precision import autocast, resolve_precision
 from iagn.train.config import model_config, stage_config
-from iagn.train.distributed import pick_device
-from iagn.train.precision import autocast, resolve_precision
 from iagn.train.stage_step import stage_step
 
 RECIPE = REPO / "configs" / "cub.yaml"

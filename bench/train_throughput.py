@@ -34,14 +34,14 @@ from bench.common import (
     write_results,
 )
 from bench.pmg_reference import reference_step
+from iagn.device import pick_device
+from iagn.evaluation.heads import accuracy_on
 from iagn.models.iagn import IAGN
+from iagn.precision import resolve_precision
 from iagn.steps import train_stage
 from iagn.train.config import data_config, model_config
 from iagn.train.data import prepare_data
-from iagn.train.distributed import pick_device
-from iagn.train.evaluation import accuracy_on
 from iagn.train.loop import seed_everything
-from iagn.train.precision import resolve_precision
 from iagn.train.schedule import warmup_cosine
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from iagn.data.readers.cub import PART_BOXES_FILE
 from iagn.data.synth import SynthConfig, generate
+from iagn.device import cpu_model
 from iagn.io import write_text_atomic
 from iagn.params import load_params, section
 from iagn.steps.validate import run  # sets GX_ANALYTICS_ENABLED=false before GX is imported
@@ -42,13 +43,6 @@ LISTINGS = (
     "bounding_boxes.txt",
     PART_BOXES_FILE,
 )
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def cpu_seconds() -> float:

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 
 from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_rgb
+from iagn.device import pick_device
 from iagn.evaluation.calibration import checkpoint_temperature
 from iagn.evaluation.plots import overlay
 from iagn.evaluation.predictor import Predictor
 from iagn.models.load import load_model
-from iagn.train.distributed import pick_device
 
 
 class ImageClassifier:

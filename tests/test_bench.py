@@ -5,11 +5,18 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 import bench.common
 from bench import step_throughput
+from iagn import device
 
 
-def test_step_throughput_times_all_loops_and_writes_results(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flags", [{"avx2"}, {"amx_bf16"}], ids=["fp32-cpu", "bf16-cpu"])
+def test_step_throughput_times_all_loops_and_writes_results(tmp_path, monkeypatch, capsys, flags):
+    # Both answers of `auto`, whatever this machine's CPU is: a CPU with native bf16 times
+    # ours twice (auto = bf16, then fp32), one without times it once.
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
     argv = ["step_throughput", "--backbone", "resnet18", "--px", "64", "--batch-size", "4"]
     monkeypatch.setattr(sys, "argv", [*argv, "--steps", "1", "--warmup", "0"])
@@ -20,14 +27,21 @@ def test_step_throughput_times_all_loops_and_writes_results(tmp_path, monkeypatc
     assert data["settings"]["image_px"] == 64
     results = data["results"]
     assert set(results) == {"ours_auto", "ours_fp32", "reference_fp32"}
+    auto = results["ours_auto"]["precision"]
+    assert auto == ("bf16" if "amx_bf16" in flags else "fp32")
     for row in results.values():
         assert row["seconds_per_step"] > 0
         assert abs(row["images_per_s"] * row["seconds_per_step"] - 4) < 1e-6
     assert results["reference_fp32"]["speedup_vs_reference"] == 1.0
     table = (tmp_path / "step_throughput.md").read_text()
     assert "| reference_fp32 | fp32 |" in table
+    assert f"| ours_auto | {auto} |" in table
     assert data["machine"]["cpu"] in table
-    # Every printed figure names its precision and the CPU it ran on.
-    figures = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" images/s")]
-    assert len(figures) == 2  # ours (auto = fp32 here) and the reference
-    assert all(f"fp32, {data['machine']['cpu']}" in line for line in figures), figures
+    # Every printed figure names its precision and the CPU it ran on; ours is timed once
+    # more at fp32 only when auto chose something else.
+    out = capsys.readouterr().out.splitlines()
+    figures = [line for line in out if line.endswith(" images/s")]
+    assert len(figures) == (2 if auto == "fp32" else 3), figures
+    assert f"ours auto ({auto}, {data['machine']['cpu']}" in figures[0]
+    assert all(f", {data['machine']['cpu']}" in line for line in figures), figures
+    assert f"reference (fp32, {data['machine']['cpu']}" in figures[-1]

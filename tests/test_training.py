@@ -13,10 +13,10 @@ import yaml
 from conftest import REPO_ROOT
 
 import iagn.steps.train_stage as train_stage_module
+from iagn import device, precision
 from iagn.errors import IagnError
 from iagn.params import load_params
 from iagn.steps import distill, evaluate, train_stage
-from iagn.train import precision
 from iagn.train.checkpoint import load_checkpoint
 
 
@@ -266,11 +266,11 @@ def test_unknown_params_keys_are_named(tiny_synth, tmp_path):
 
 def test_auto_precision_follows_the_cpu_flags(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     assert precision.resolve_precision("auto", cpu) == "fp32"
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     assert precision.resolve_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     assert precision.resolve_precision("auto", cpu) == "bf16"
     assert precision.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(IagnError, match="fp16 needs a CUDA GPU"):

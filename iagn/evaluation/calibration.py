@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from iagn.evaluation.metrics import calibration
+from iagn.evaluation.predictor import Predictor
 
 # Beyond these a fit says more about a tiny or degenerate validation split than about the model.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -57,6 +58,18 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, split: str) -> dict[st
         "ece_before": calibration(logits, labels)[0],
         "ece_after": calibration(logits / temperature, labels)[0],
     }
+
+
+@torch.no_grad()
+def calibrate_model(model: torch.nn.Module, loader, device: torch.device, precision: str) -> dict:
+    """Fit T for `model`'s served prediction (what `Predictor` returns, before any
+    temperature) on `loader`, the validation split; a `calibrate` result."""
+    predictor = Predictor(model, device, precision)
+    logits, labels = [], []
+    for batch in loader:
+        logits.append(predictor(batch["image"]).logits["final"].float().cpu())
+        labels.append(batch["label"])
+    return calibrate(torch.cat(logits), torch.cat(labels), "val")
 
 
 def calibration_metrics(fitted: dict[str, Any]) -> dict[str, float]:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from iagn.evaluation.heads import logits_by_head
 from iagn.models.attention import boxes_from_maps, crop_and_resize, expand_boxes
 from iagn.models.iagn import IAGN
-from iagn.train.evaluation import logits_by_head
-from iagn.train.precision import autocast
+from iagn.precision import autocast
 
 TEST_CROP_MARGIN = 0.1
 

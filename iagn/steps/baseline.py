@@ -14,11 +14,12 @@ from typing import Any
 import torch.nn.functional as F
 
 from iagn.models.student import Student, StudentConfig
+from iagn.precision import resolve_precision
+from iagn.train.calibrated import finish_calibrated
 from iagn.train.config import stage_config
 from iagn.train.data import prepare_step_data
 from iagn.train.distributed import init_runtime
 from iagn.train.loop import run_loop, seed_everything, standard_spec
-from iagn.train.precision import resolve_precision
 
 
 def run(
@@ -62,4 +63,5 @@ def run(
         description="baseline",
     )
     result = run_loop(spec, Path(out), runtime, quiet=quiet)
-    return {"checkpoint": Path(out), "history": result["history"]}
+    finished = finish_calibrated(model, result, Path(out), runtime, prepared, config, precision)
+    return {"checkpoint": Path(out), "history": finished["history"]}

@@ -20,13 +20,14 @@ from iagn.evaluation.predictor import Predictor
 from iagn.io import sha256_file
 from iagn.models.load import model_from_checkpoint
 from iagn.models.student import Student, StudentConfig
+from iagn.precision import resolve_precision
+from iagn.train.calibrated import finish_calibrated
 from iagn.train.checkpoint import load_checkpoint
 from iagn.train.config import distill_config
 from iagn.train.data import prepare_step_data
 from iagn.train.distributed import Runtime, init_runtime
 from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.losses import kd_loss
-from iagn.train.precision import resolve_precision
 
 
 def run(
@@ -112,5 +113,4 @@ def run(
         callbacks=callbacks or [],
     )
     result = run_loop(spec, Path(out), runtime, quiet=quiet)
-    final = result["history"][-1] if result["history"] else {}
-    return {"checkpoint": Path(out), "history": result["history"], "metrics": final}
+    return finish_calibrated(student, result, Path(out), runtime, prepared, config, precision)

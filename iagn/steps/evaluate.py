@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from iagn.device import device_name, pick_device
 from iagn.evaluation.calibration import checkpoint_temperature
 from iagn.evaluation.localization import box_hits, ground_truth_boxes, pointing_hits
 from iagn.evaluation.metrics import calibration, confusion_matrix, per_class_accuracy, topk_accuracy
@@ -24,10 +25,8 @@ from iagn.evaluation.predictor import Predictor
 from iagn.evaluation.speed import file_size_mb, measure_speed, parameter_count
 from iagn.io import write_json_atomic
 from iagn.models.load import load_model
-from iagn.steps.train_stage import device_name
+from iagn.precision import resolve_precision
 from iagn.train.data import prepare_step_data
-from iagn.train.distributed import pick_device
-from iagn.train.precision import resolve_precision
 
 METRICS_FILE = "metrics.json"
 

@@ -16,11 +16,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from iagn.errors import IagnError
 from iagn.io import sha256_file
 from iagn.models.iagn import IAGN, ModelConfig
+from iagn.precision import resolve_precision
+from iagn.train.calibrated import finish_calibrated
 from iagn.train.checkpoint import check_compatible, load_checkpoint
 from iagn.train.config import (
     model_config,
@@ -29,7 +29,6 @@ from iagn.train.config import (
 from iagn.train.data import PreparedData, prepare_step_data
 from iagn.train.distributed import Runtime, init_runtime
 from iagn.train.loop import run_loop, seed_everything, standard_spec
-from iagn.train.precision import resolve_precision
 from iagn.train.stage_step import stage_step
 
 
@@ -125,13 +124,4 @@ def run(
         callbacks=callbacks or [],
     )
     result = run_loop(spec, out, runtime, quiet=quiet)
-    final = result["history"][-1] if result["history"] else {}
-    return {"checkpoint": out, "history": result["history"], "metrics": final}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from iagn.train.precision import cpu_model
-
-    return cpu_model()
+    return finish_calibrated(model, result, out, runtime, prepared, config, precision)

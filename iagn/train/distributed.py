@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from iagn.device import pick_device
+
 
 @dataclass
 class Runtime:
@@ -22,12 +24,6 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def init_runtime(device: str = "auto") -> Runtime:

@@ -7,8 +7,8 @@ atomic checkpoints after every epoch, resume from the last checkpoint, a clear s
 NaN loss, progress bars, and callbacks for experiment tracking. What a step computes is
 passed in as `step_fn`.
 
-Files: the finished model goes to `out` only when the last epoch is done; the epochs before
-go to `<out>.partial`. So `out` (and its history/metrics JSON) is either the previous
+Files: every epoch goes to `<out>.partial`; the finished model goes to `out` only when the
+step calls `finish_run` after the last epoch (with what it adds, such as the calibration). So `out` (and its history/metrics JSON) is either the previous
 finished model or the new one, never a half-trained one, whatever kills the run: DVC keeps
 it in place (`persist: true`) and downstream steps never see a partial model. A rerun with
 the same identity (kind, stage, configs, data, init/teacher checkpoint) continues from the
@@ -31,10 +31,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from iagn.errors import IagnError
+from iagn.evaluation.heads import accuracy_on
 from iagn.io import write_json_atomic
+from iagn.precision import autocast, grad_scaler
 from iagn.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from iagn.train.distributed import Runtime, all_reduce_mean, barrier
-from iagn.train.precision import autocast, grad_scaler
 from iagn.train.schedule import warmup_cosine
 
 StepFn = Callable[[torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
@@ -60,10 +61,6 @@ class LoopSpec:
     payload: Callable[[], dict]  # what the checkpoint adds: kind, configs, data identity
     description: str = "train"
     ddp_find_unused: bool = False  # True when some parameters get no loss (early stages)
-    # After the last epoch's validation, on the main rank, with (model, that epoch's record):
-    # may add to the record (before callbacks see it) and returns more for the finished
-    # checkpoint (the calibration).
-    finalize: Callable[[torch.nn.Module, dict], dict] | None = None
     # After each epoch, with (epoch, record); a callback that raises stops the run cleanly.
     callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)
 
@@ -73,27 +70,10 @@ def standard_spec(config, prepared, runtime: Runtime, precision: str, **fields) 
     stage or distill config (`epochs`, `batch_size`, `momentum`, `weight_decay`,
     `warmup_epochs`, `grad_clip`, `channels_last`, `seed`, `num_workers`) and `prepared`
     data; `fields` supply the rest (model, param groups, step, payload, ...)."""
-    from iagn.evaluation.calibration import calibrate, calibration_metrics
-    from iagn.evaluation.predictor import Predictor
-    from iagn.train.evaluation import accuracy_on
-
-    def val_loader():
-        return prepared.loader("val", train=False, batch_size=config.batch_size * 2)
 
     def validate(trained: torch.nn.Module) -> dict[str, float]:
-        return accuracy_on(trained, val_loader(), runtime.device, precision, prefix="val_")
-
-    def fit_calibration(trained: torch.nn.Module, record: dict) -> dict:
-        """The temperature of the served prediction (as `Predictor` makes it), on val; its
-        numbers also go into the final record (metrics file, MLflow)."""
-        predictor = Predictor(trained, runtime.device, precision)
-        logits, labels = [], []
-        for batch in val_loader():
-            logits.append(predictor(batch["image"]).logits["final"].cpu())
-            labels.append(batch["label"])
-        fitted = calibrate(torch.cat(logits), torch.cat(labels), "val")
-        record.update(calibration_metrics(fitted))
-        return {"calibration": fitted}
+        loader = val_loader(prepared, config)
+        return accuracy_on(trained, loader, runtime.device, precision, prefix="val_")
 
     def train_loader(epoch: int):
         return prepared.loader(
@@ -117,9 +97,13 @@ def standard_spec(config, prepared, runtime: Runtime, precision: str, **fields) 
         seed=config.seed,
         validate_fn=validate,
         make_loader=train_loader,
-        finalize=fit_calibration,
         **fields,
     )
+
+
+def val_loader(prepared, config):
+    """The validation split in evaluation order, at twice the training batch (no gradients)."""
+    return prepared.loader("val", train=False, batch_size=config.batch_size * 2)
 
 
 def seed_everything(seed: int) -> None:
@@ -155,9 +139,9 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
     """Train for spec.epochs, resuming from `<out>.partial` if it holds an unfinished run of
     this spec.
 
-    Writes `<out>.partial` after every epoch; at the end `out` and beside it
-    `<stem>.history.json` and `<stem>.metrics.json` (the final epoch's record), then removes
-    the partial file.
+    Writes `<out>.partial` after every epoch, the last one included, and returns
+    {"history", "steps", "state"}: `state` is the last epoch's checkpoint, which the step
+    hands to `finish_run` with what it adds after training (the calibration).
     """
     device = runtime.device
     model = spec.model.to(device)
@@ -174,7 +158,6 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
     )
     scaler = grad_scaler(spec.precision, device)
     start_epoch, step, history = 0, 0, []
-    final: dict = {}  # what `finalize` adds to the finished checkpoint
     partial = partial_path(out)
     resumed = _resume_state(partial, spec)
     if resumed is not None:
@@ -195,25 +178,19 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             model, device_ids=ids, find_unused_parameters=spec.ddp_find_unused
         )
 
-    def checkpoint(epoch: int, complete: bool, extra: dict | None = None) -> None:
-        if not runtime.is_main:
-            return
-        save_checkpoint(
-            out if complete else partial,
-            {
-                **spec.payload(),
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "scheduler_state": scheduler.state_dict(),
-                "scaler_state": scaler.state_dict(),  # empty unless fp16
-                "epoch": epoch,
-                "step": step,
-                "rng": rng_state(),
-                "history": history,
-                "complete": complete,
-                **(extra or {}),
-            },
-        )
+    def state(epoch: int) -> dict:
+        return {
+            **spec.payload(),
+            "model_state": model.state_dict(),
+            "optimizer_state": optimizer.state_dict(),
+            "scheduler_state": scheduler.state_dict(),
+            "scaler_state": scaler.state_dict(),  # empty unless fp16
+            "epoch": epoch,
+            "step": step,
+            "rng": rng_state(),
+            "history": history,
+            "complete": False,
+        }
 
     for epoch in range(start_epoch, spec.epochs):
         # Reseed per epoch: the epoch depends only on (seed, epoch) and the weights.
@@ -273,12 +250,9 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
         model.eval()
         record.update(spec.validate_fn(model))
         record["epoch"] = epoch + 1
-        last = epoch + 1 == spec.epochs
-        if last and spec.finalize and runtime.is_main:
-            final = spec.finalize(model, record)
         history.append(record)
-        if not last:
-            checkpoint(epoch + 1, complete=False)
+        if runtime.is_main:
+            save_checkpoint(partial, state(epoch + 1))
         barrier(runtime)
         if runtime.is_main and not quiet:
             shown = {k: record[k] for k in ("loss", "val_acc", "images_per_s") if k in record}
@@ -288,13 +262,32 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             )
         for callback in spec.callbacks:
             callback(epoch + 1, record)
-    checkpoint(spec.epochs, complete=True, extra=final)
-    if runtime.is_main and history:
-        write_json_atomic(history_path(out), history)
-        write_json_atomic(metrics_path(out), history[-1])
-        partial.unlink(missing_ok=True)
+    return {"history": history, "steps": step, "state": state(spec.epochs)}
+
+
+def finish_run(
+    out: Path, result: dict, runtime: Runtime, extra: dict | None = None, record: dict | None = None
+) -> list[dict]:
+    """Write the finished model, then drop `<out>.partial`; returns the history.
+
+    `out` gets the last epoch's state (`result` of `run_loop`) plus `extra`, what the step
+    computed after training (the calibration); `record` joins the last epoch's metrics in
+    `<stem>.history.json` and `<stem>.metrics.json`. Until this runs, `out` is still the
+    previous finished model, and a rerun resumes from the partial file without training.
+    """
+    history = [dict(r) for r in result["history"]]
+    if history and record:
+        history[-1].update(record)
+    if runtime.is_main:
+        save_checkpoint(
+            out, {**result["state"], **(extra or {}), "history": history, "complete": True}
+        )
+        if history:
+            write_json_atomic(history_path(out), history)
+            write_json_atomic(metrics_path(out), history[-1])
+        partial_path(out).unlink(missing_ok=True)
     barrier(runtime)
-    return {"history": history, "steps": step}
+    return history
 
 
 # What must match for a partial run to be continued rather than restarted.

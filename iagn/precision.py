@@ -8,43 +8,13 @@ bf16 is emulated and about 2x slower than fp32 (measured, ../shared/STACK.md), a
 from __future__ import annotations
 
 import contextlib
-import functools
-from pathlib import Path
 
 import torch
 
+from iagn.device import cpu_has_native_bf16
 from iagn.errors import IagnError
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-@functools.cache
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_has_native_bf16() -> bool:
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
@@ -53,7 +23,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise IagnError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+            # V100/T4 emulate bf16 (slower than fp32): only native support counts.
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise IagnError("fp16 needs a CUDA GPU; use precision auto, fp32 or bf16 on CPU")

@@ -1,10 +1,10 @@
-"""Accuracy during training (validation split); the full evaluation is iagn/evaluate/."""
+"""Logits of every head, and their accuracy: validation during training, and evaluation."""
 
 from __future__ import annotations
 
 import torch
 
-from iagn.train.precision import autocast
+from iagn.precision import autocast
 
 
 @torch.no_grad()
