@@ -38,7 +38,6 @@ from iagn.params import load_params
 
 BIN = Path(sys.executable).parent
 TARGET = 1.15
-OPEN_GATE = {"min_top1": 0.0, "min_pointing_game": 0.0, "max_latency_ms": 60_000}
 QUIET = {
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
@@ -72,18 +71,9 @@ assert result["passed"], result
 
 
 def tiny_params() -> dict:
-    """The tests' tiny configuration (tests/test_dvc_pipeline.py tiny_pipeline_params)."""
-    params = load_params(REPO / "params.yaml")
-    params["data"]["synth"].update(classes=4, images_per_class=8, size=64)
-    params["data"].update(root="data/synth", val_fraction=0.25, resize=72, crop=64)
-    params["validate"]["expectations"]["min_images_per_class"]["min_count"] = 2
-    params["model"]["stage_channels"] = 16
-    params["train"].update(batch_size=4, precision="fp32")
-    for stage in (1, 2, 3):
-        params[f"stage{stage}"] = {"epochs": 1}
-    params["distill"].update(epochs=1, batch_size=4)
-    params["evaluate"].update(speed_repeats=2, gallery_size=2)
-    params["register"]["gate"] = dict(OPEN_GATE)
+    """params.yaml with the tests' smoke overlay (configs/smoke.yaml), on data/synth."""
+    params = load_params(REPO / "params.yaml", REPO / "configs" / "smoke.yaml")
+    params["data"]["root"] = "data/synth"
     return params
 
 

@@ -13,8 +13,15 @@ from iagn.errors import IagnError
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    path = Path(path)
+def load_params(path: str | Path = DEFAULT_PARAMS, *overlays: str | Path) -> dict[str, Any]:
+    """A params file, with each overlay file merged over it in turn (`merge_params`)."""
+    params = _read_params(Path(path))
+    for overlay in overlays:
+        params = merge_params(params, _read_params(Path(overlay)))
+    return params
+
+
+def _read_params(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise IagnError(
             f"params file {path} does not exist; pass --params with the project's params.yaml"
@@ -26,6 +33,18 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise IagnError(f"params file {path} must hold a mapping of step sections")
     return params
+
+
+def merge_params(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overlay` on top, as a new mapping: nested mappings merge key by key,
+    anything else (values, lists, null) replaces what `base` had."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_params(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def section(params: dict[str, Any], *keys: str) -> dict[str, Any]:

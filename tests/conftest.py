@@ -12,6 +12,7 @@ from helpers import free_port
 from moto.server import ThreadedMotoServer
 
 from iagn.data.synth import SynthConfig, generate
+from iagn.params import load_params
 
 # Keep third-party tools quiet and offline in every test (see ../shared/STACK.md).
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -22,6 +23,14 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = SynthConfig(classes=4, images_per_class=6, size=64, seed=3)
+# Seconds instead of minutes (one epoch per stage, 64 px, an open gate): the benchmarks load
+# the same overlay.
+SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
+
+
+def smoke_params(params_file: Path = REPO_ROOT / "params.yaml") -> dict:
+    """`params_file` with configs/smoke.yaml merged over it."""
+    return load_params(params_file, SMOKE)
 
 
 @pytest.fixture(scope="session")

@@ -7,31 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, smoke_params
 from helpers import dvc, iagn, run
 from mlflow.tracking import MlflowClient
 
 STAGES = ("validate", "stage1", "stage2", "stage3", "distill", "evaluate", "register")
-
-
-def tiny_pipeline_params(params: dict) -> dict:
-    """Seconds instead of minutes: 4 classes, 64 px, one epoch per stage, small blocks."""
-    params["data"]["synth"].update(classes=4, images_per_class=8, size=64)
-    params["data"].update(val_fraction=0.25, resize=72, crop=64)
-    params["validate"]["expectations"]["min_images_per_class"]["min_count"] = 2
-    params["model"]["stage_channels"] = 16
-    params["train"].update(batch_size=4, precision="fp32")
-    for stage in (1, 2, 3):
-        params[f"stage{stage}"] = {"epochs": 1}
-    params["distill"].update(epochs=1, batch_size=4)
-    params["evaluate"].update(speed_repeats=2, gallery_size=2)
-    # One epoch learns nothing: let every model through the registry gate.
-    params["register"]["gate"] = {
-        "min_top1": None,
-        "min_pointing_game": None,
-        "max_latency_ms": None,
-    }
-    return params
 
 
 def ran(output: str) -> set[str]:
@@ -44,9 +24,7 @@ def pipeline_repo(tmp_path_factory) -> Path:
     clone = tmp_path_factory.mktemp("dvc") / "clone"
     run(["git", "clone", "--quiet", REPO_ROOT, clone], cwd=clone.parent)
     params_file = clone / "params.yaml"
-    params_file.write_text(
-        yaml.safe_dump(tiny_pipeline_params(yaml.safe_load(params_file.read_text())))
-    )
+    params_file.write_text(yaml.safe_dump(smoke_params(params_file)))
     iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=clone)
     dvc("add", "--quiet", "data", cwd=clone)
     run(["git", "commit", "--quiet", "-am", "tiny configuration"], cwd=clone)
@@ -78,6 +56,7 @@ def test_repro_runs_every_stage_then_nothing(pipeline_repo: Path):
     )
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
+    assert parents[0].info.status == "FINISHED"  # ended by `register`, the last stage
     steps = {r.data.tags.get("iagn.step") for r in runs if r not in parents}
     assert {"validate", "distill", "evaluate-teacher", "evaluate-student", "register"} <= steps
     assert {"train-stage-1", "train-stage-2", "train-stage-3"} <= steps

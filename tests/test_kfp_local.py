@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
+from conftest import smoke_params
 from helpers import BIN, dvc, iagn, run
 from mlflow_server import SECRETS, STEP_RUNS, TRACKING_PASSWORD, TRACKING_USER, mlflow_server
-from test_dvc_pipeline import tiny_pipeline_params
 
 from iagn.errors import IagnError
 from iagn.params import apply_overrides, load_params
+from iagn.provenance import dvc_data_version
 from iagn.steps import fetch_data as datafetch
-from iagn.tracking import dvc_data_version, mark_pipeline_failed
+from iagn.tracking import mark_pipeline_failed
 
 __all__ = ["mlflow_server"]  # the session's MLflow server fixture, used below
 
@@ -42,7 +42,7 @@ def project(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("kfp-local")
     root = base / "project"
     root.mkdir()
-    params = tiny_pipeline_params(load_params(REPO_ROOT / "params.yaml"))
+    params = smoke_params()
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "--quiet", "-b", "main"], cwd=root)
     iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=root)
@@ -90,7 +90,9 @@ def test_run_local_registers_a_champion_under_one_parent_run(local_run, mlflow_s
     parents = [r for r in runs if r.data.tags.get("iagn.role") == "pipeline"]
     assert len(parents) == 1
     parent = parents[0]
+    # Ended by the exit handler (record_outcome), the only one that ends a KFP parent.
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["iagn.outcome"] == "succeeded"
     assert parent.data.tags["iagn.pipeline_key"].startswith("pipeline:kfp-local-")
     steps = {
         r.info.run_name: r

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, smoke_params
 
 import iagn.steps.train_stage as train_stage_module
 from iagn import device, precision
@@ -21,15 +21,12 @@ from iagn.train.checkpoint import load_checkpoint
 
 
 def tiny_params(data: Path, epochs: int = 1) -> dict:
-    """The project's params.yaml, shrunk to seconds on a 4-class 64 px dataset."""
-    params = load_params(REPO_ROOT / "params.yaml")
-    params["data"].update(root=str(data), val_fraction=0.34, resize=72, crop=64)
-    params["model"]["stage_channels"] = 16
-    params["train"].update(batch_size=4, precision="fp32")
+    """The smoke configuration on the 4-class x 6-image dataset `data`."""
+    params = smoke_params()
+    # A third of each class's 3 training images for validation: one each.
+    params["data"].update(root=str(data), val_fraction=0.34)
     for stage in (1, 2, 3):
         params[f"stage{stage}"] = {"epochs": epochs}
-    params["distill"].update(epochs=1, batch_size=4)
-    params["evaluate"].update(speed_repeats=2, gallery_size=3)
     return params
 
 
