@@ -38,10 +38,11 @@ def evaluate(
     Returns:
         "passed" when the model passes register.gate, else "failed".
     """
+    from components.pages import evaluation_html
     from components.runtime import (
         configure_step,
-        evaluation_html,
         evaluation_markdown,
+        key_metrics,
         log_metrics,
         readable_errors,
         step_params,
@@ -57,7 +58,7 @@ def evaluate(
         failures = gate_failures(values, register_config(settings).gate)
     log_metrics(metrics, values)
     evaluation.metadata.update({"kind": values["kind"], "split": values["split"]})
-    write_text(report.path, evaluation_html(values, evaluation.path))
+    write_text(report.path, evaluation_html(values, evaluation.path, key_metrics()))
     write_text(summary.path, evaluation_markdown(values, failures))
     verdict = "failed" if failures else "passed"
     print(f"{values['kind']}: top-1 {values['top1']:.3f}; registry gate {verdict}")

@@ -2,15 +2,13 @@
 
 Imported inside component functions, never at compile time, and free of kfp imports.
 Everything here is glue between KFP and `iagn.runner`: params and their overrides, the
-environment MLflow and the parent-run lookup read, KFP metrics and the HTML/Markdown
-artifacts the KFP UI renders. Step logic stays in `iagn`.
+environment MLflow and the parent-run lookup read, KFP metrics and the Markdown artifacts
+the KFP UI renders (HTML pages: components/pages.py). Step logic stays in `iagn`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
 import json
 import logging
 import math
@@ -21,7 +19,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-ENV_KFP_RUN = "KFP_RUN_ID"
+from components.pages import cell
+from iagn.provenance import ENV_KFP_RUN
+
 ENV_DATA_VERSION = "IAGN_DATA_VERSION"
 NOISY_LOGGERS = ("great_expectations", "botocore", "urllib3", "alembic", "git", "matplotlib")
 
@@ -111,19 +111,13 @@ def log_metrics(artifact: Any, values: Mapping[str, Any], prefix: str = "") -> N
             artifact.log_metric(f"{prefix}{name}", float(value))
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def markdown_table(rows: list[tuple[str, Any]], header: tuple[str, str]) -> str:
     lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
-    lines += [f"| {name} | {_cell(value)} |" for name, value in rows]
+    lines += [f"| {name} | {cell(value)} |" for name, value in rows]
     return "\n".join(lines)
 
 
-def _key_metrics() -> tuple[str, ...]:
+def key_metrics() -> tuple[str, ...]:
     """The headline numbers: the ones the registry also puts on a model version."""
     from iagn.registry import VERSION_METRICS
 
@@ -132,7 +126,7 @@ def _key_metrics() -> tuple[str, ...]:
 
 def evaluation_markdown(metrics: Mapping[str, Any], gate_failures: list[str]) -> str:
     """Key numbers of an evaluation and the registry gate's verdict, for the KFP UI."""
-    rows = [(name, metrics[name]) for name in _key_metrics() if name in metrics]
+    rows = [(name, metrics[name]) for name in key_metrics() if name in metrics]
     verdict = "passes" if not gate_failures else "fails"
     kind, split = metrics.get("kind", "model"), metrics.get("split", "test")
     lines = [
@@ -144,74 +138,6 @@ def evaluation_markdown(metrics: Mapping[str, Any], gate_failures: list[str]) ->
     ]
     lines += [f"- {failure}" for failure in gate_failures]
     return "\n".join(lines) + "\n"
-
-
-def _image_tag(path: Path, title: str) -> str:
-    if not path.is_file():
-        return ""
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (
-        f"<h2>{html.escape(title)}</h2>"
-        f'<img alt="{html.escape(title)}" style="max-width:100%" '
-        f'src="data:image/png;base64,{data}">'
-    )
-
-
-def evaluation_html(metrics: Mapping[str, Any], folder: str | os.PathLike) -> str:
-    """One self-contained page (images inlined): the KFP UI shows HTML artifacts in a frame."""
-    folder = Path(folder)
-    rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{html.escape(_cell(metrics[name]))}</td></tr>"
-        for name in _key_metrics()
-        if name in metrics
-    )
-    kind = html.escape(str(metrics.get("kind", "model")))
-    parts = [
-        f"<html><head><meta charset='utf-8'><title>IAGN {kind}</title></head><body>",
-        f"<h1>IAGN {kind}: evaluation</h1>",
-        f"<table border='1' cellpadding='4'>{rows}</table>",
-        _image_tag(folder / "attention_gallery.png", "Attention gallery (map and box vs truth)"),
-        _image_tag(folder / "confusion_matrix.png", "Confusion matrix"),
-        _image_tag(folder / "reliability.png", "Reliability diagram"),
-        "</body></html>",
-    ]
-    return "\n".join(part for part in parts if part)
-
-
-def validation_html(document: Mapping[str, Any]) -> str:
-    """validation.json as one self-contained table (the full Data Docs are in `report`)."""
-    dataset = document.get("dataset", {})
-    verdict = "passed" if document.get("success") else "FAILED"
-    rows = []
-    for entry in document.get("expectations", []):
-        mark = "&#10003;" if entry.get("success") else "&#10007;"
-        examples = "<br>".join(
-            html.escape(f"{e.get('path') or e.get('class_name', '')}: {e.get('detail', '')}")
-            for e in entry.get("examples", [])[:5]
-        )
-        hint = "" if entry.get("success") else html.escape(str(entry.get("hint") or ""))
-        rows.append(
-            "<tr>"
-            f"<td>{mark}</td><td>{html.escape(str(entry.get('name')))}</td>"
-            f"<td>{html.escape(str(entry.get('level')))}</td>"
-            f"<td>{html.escape(str(entry.get('description', '')))}</td>"
-            f"<td>{html.escape(str(entry.get('observed_value', '')))}</td>"
-            f"<td>{examples}</td><td>{hint}</td>"
-            "</tr>"
-        )
-    return (
-        "<html><head><meta charset='utf-8'><title>Data validation</title></head><body>"
-        f"<h1>Data validation {verdict}</h1>"
-        f"<p>{html.escape(str(dataset.get('images', '?')))} images, "
-        f"{html.escape(str(dataset.get('classes', '?')))} classes "
-        f"({html.escape(str(dataset.get('format', '')))})</p>"
-        "<table border='1' cellpadding='4'><tr><th></th><th>expectation</th><th>level</th>"
-        "<th>requires</th><th>observed</th><th>examples</th><th>what to do</th></tr>"
-        + "".join(rows)
-        + "</table>"
-        "<p>The Great Expectations Data Docs are in the <code>report</code> artifact "
-        "(data_docs/index.html) and in the MLflow run of this step.</p></body></html>"
-    )
 
 
 def register_markdown(result: Mapping[str, Any]) -> str:

@@ -29,12 +29,12 @@ def validate(
         checks: Every expectation with its examples, as one HTML page.
         metrics: Images, classes, blocking failures, warnings.
     """
+    from components.pages import validation_html
     from components.runtime import (
         StepFailed,
         configure_step,
         readable_errors,
         step_params,
-        validation_html,
         write_text,
     )
     from iagn import runner
