@@ -1,4 +1,4 @@
-"""The exit handler: marks the MLflow parent run FAILED when a step failed, reports where it is."""
+"""The exit handler: ends the MLflow parent run of the pipeline run, once, and reports it."""
 
 from kfp import dsl
 
@@ -7,7 +7,13 @@ from components.image import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def record_outcome(status: dsl.PipelineTaskFinalStatus, tracking_uri: str, experiment: str) -> str:
-    """Runs after every other task; marks the MLflow parent run FAILED if any step failed.
+    """Runs after every other task; ends the MLflow parent run with the pipeline's outcome.
+
+    The parent ends FINISHED when the steps succeeded, FAILED when one failed (KILLED when
+    the run was cancelled), with KFP's task name and message as tags. A parent a failed
+    step already marked FAILED stays FAILED. This is the only place a KFP pipeline's parent
+    is set FINISHED (iagn/tracking/parent.py); an MLflow error fails this task, so its
+    retries try again.
 
     Args:
         status: The final status of the pipeline's steps (filled in by KFP).
@@ -21,17 +27,19 @@ def record_outcome(status: dsl.PipelineTaskFinalStatus, tracking_uri: str, exper
     import json
 
     from components.runtime import configure_step, readable_errors
-    from iagn.tracking import describe_pipeline_parent, mark_pipeline_failed
+    from iagn.tracking import end_pipeline
 
     with readable_errors():
         configure_step(tracking_uri, experiment)
         if status.state == "SUCCEEDED":
-            parent = describe_pipeline_parent()
-            print(f"pipeline steps succeeded; MLflow parent run {parent.get('run_id', '(none)')}")
+            parent = end_pipeline("FINISHED")
+            summary = "pipeline steps succeeded"
         else:
-            reason = f"KFP: {status.pipeline_task_name} ended {status.state}"
+            summary = f"KFP: {status.pipeline_task_name} ended {status.state}"
             if status.error_message:
-                reason += f": {status.error_message}"
-            parent = mark_pipeline_failed(reason, status.pipeline_task_name)
-            print(f"{reason}; MLflow parent run {parent.get('run_id', '(none)')} marked FAILED")
+                summary += f": {status.error_message}"
+            ended = "KILLED" if status.state == "CANCELLED" else "FAILED"
+            parent = end_pipeline(ended, summary, status.pipeline_task_name)
+        run_id = parent.get("run_id", "(none)")
+        print(f"{summary}; MLflow parent run {run_id}: {parent.get('status', 'no parent')}")
     return json.dumps(parent)

@@ -57,6 +57,7 @@ def register(
             teacher=teacher.path,
             teacher_eval=teacher_evaluation.path,
             out=result.path,
+            ends_pipeline=False,  # the exit handler ends the pipeline's MLflow parent
         )
         write_text(decision.path, register_markdown(outcome))
         first = outcome["outcomes"][0]

@@ -1,6 +1,6 @@
 """Where a run comes from: git commit, DVC data version, KFP run, and `dvc repro` ancestry.
 
-The tags `iagn/tracking.py` puts on every parent and step run:
+The tags `iagn/tracking/` puts on every parent and step run:
     iagn.git_commit        IAGN_GIT_COMMIT when set (container images have no checkout), else
                            `git rev-parse HEAD` in the current folder; iagn.git_dirty says
                            whether tracked files had uncommitted changes
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+# The KFP run id in a task's environment (from its pod's `pipeline/runid` label). Defined
+# here only: pipeline/dag.py sets it in every task, components and iagn.tracking read it.
 ENV_KFP_RUN = "KFP_RUN_ID"
 ENV_GIT_COMMIT = "IAGN_GIT_COMMIT"
 ENV_DATA_VERSION = "IAGN_DATA_VERSION"

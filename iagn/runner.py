@@ -1,6 +1,6 @@
 """Each pipeline step, tracked in MLflow: what the CLI, the DVC stages and the KFP components call.
 
-One function per step. Each opens the step's nested MLflow run (iagn/tracking.py: parent
+One function per step. Each opens the step's nested MLflow run (iagn/tracking/: parent
 run, tags, params), calls the pure step in iagn/steps/ with an epoch callback that logs
 per-epoch metrics, then logs what the step produced: metrics, artifacts, the dataset it
 read (`mlflow.log_input` with the manifest digest) and, for the finished teacher (stage 3)
@@ -21,6 +21,7 @@ from typing import Any
 from iagn import tracking
 from iagn.errors import IagnError
 from iagn.params import section
+from iagn.provenance import provenance_tags
 
 EVALUATION_FILES = (
     "metrics.json",
@@ -237,7 +238,7 @@ def _register_one(run: tracking.StepRun, client, config, kind: str, path: Path, 
         model_id=logged.model_id,
         checkpoint_sha256=sha,
         metrics=metrics,
-        tags={k: v for k, v in tracking.provenance_tags().items() if k.startswith("iagn.")},
+        tags={k: v for k, v in provenance_tags().items() if k.startswith("iagn.")},
     )
     with tracking.mlflow_errors(run.uri):
         return step.register(client, candidate, config, run.pipeline_run_id).to_dict()
@@ -250,6 +251,7 @@ def register(
     teacher: str | Path | None = None,
     teacher_eval: str | Path | None = None,
     out: str | Path | None = None,
+    ends_pipeline: bool = True,
 ) -> dict[str, Any]:
     """Gate, then register the student (and the teacher) in a `register` run.
 
@@ -257,6 +259,12 @@ def register(
     gate_failures, version, already_registered, champion, reason]}; also written to
     `out`/register.json when `out` is given. `passed` is False when the student failed the
     gate; the run is then marked FAILED (blocked).
+
+    `ends_pipeline`: register is the last stage of the DVC pipeline and of a pipeline run
+    named by IAGN_PIPELINE_RUN, so by default its success ends their parent run FINISHED
+    (`tracking.step_run`; a KFP_RUN_ID parent is left to the KFP exit handler either way).
+    The KFP component passes False: under `iagn-pipeline run-local` the key is
+    IAGN_PIPELINE_RUN too, and the exit handler ends that parent.
     """
     import mlflow
 
@@ -276,7 +284,7 @@ def register(
         raise IagnError(
             "`iagn register` writes to the MLflow Model Registry; unset IAGN_TRACKING=off"
         )
-    with tracking.step_run("register", params, ("register",)) as run:
+    with tracking.step_run("register", params, ("register",), ends_pipeline=ends_pipeline) as run:
         client = mlflow.MlflowClient()
         outcomes = [
             _register_one(run, client, config, kind, path, eval_dir)

@@ -27,6 +27,8 @@ from typing import Any
 
 from kfp.dsl import PipelineTask
 
+from iagn.provenance import ENV_KFP_RUN as RUN_ID_ENV
+
 PIPELINE_NAME = "iagn"
 DEFAULT_SECRET = "iagn-credentials"
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"
@@ -44,7 +46,6 @@ SECRET_KEYS_OPTIONAL = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
 )
-RUN_ID_ENV = "KFP_RUN_ID"
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 FETCH_RETRIES = 3
 REGISTER_RETRIES = 2

@@ -1,9 +1,11 @@
 """MLflow tracking against a real server: parent and nested runs, tags, params, metrics,
-artifacts in S3, datasets, failures, DVC and KFP parents, the embedded default, secrets."""
+artifacts in S3, datasets, failures, the parent's status and who ends it, DVC and KFP
+parents, the embedded default, MLflow's HTTP limits, secrets."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from helpers import BIN, dvc, free_port, iagn, run
@@ -52,6 +54,9 @@ def test_one_parent_run_and_one_nested_run_per_step(runs, tracked_pipeline):
     assert set(steps) == STEP_RUNS
     assert parent.info.run_name == PIPELINE_RUN
     assert parent.data.tags[tracking.TAG_ROLE] == "pipeline"
+    # `iagn register`, the last step of a pipeline named by IAGN_PIPELINE_RUN, ended it.
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.TAG_OUTCOME] == "succeeded"
     head = run(["git", "rev-parse", "HEAD"], cwd=tracked_pipeline.project).stdout.strip()
     for name, step in steps.items():
         tags = step.data.tags
@@ -190,7 +195,7 @@ def test_no_secret_appears_in_anything_logged(mlflow_server, tracked_pipeline):
     assert any(mlflow_server.url in text for text in tracked_pipeline.logs)
 
 
-def test_an_unreachable_server_is_a_clear_error_in_seconds(tracked_pipeline):
+def test_an_unreachable_server_is_a_clear_error(tracked_pipeline):
     port = free_port()  # nothing listens here
     result = iagn(
         "validate",
@@ -206,8 +211,34 @@ def test_an_unreachable_server_is_a_clear_error_in_seconds(tracked_pipeline):
     )
     assert result.returncode == 2
     assert f"MLflow tracking server http://127.0.0.1:{port} is unreachable" in result.stderr
+    assert "Connection refused" in result.stderr
+    # The step gave up within MLflow's own limits, as configure() set them.
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT=15, MLFLOW_HTTP_REQUEST_MAX_RETRIES=2" in result.stderr
     assert "MLFLOW_TRACKING_URI" in result.stderr and "pw-secret" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_configure_sets_mlflows_http_limits_unless_the_user_did(mlflow_server, monkeypatch):
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+
+    for name, value in mlflow_server.env("limits-test").items():
+        monkeypatch.setenv(name, value)
+    for name in tracking.HTTP_SETTINGS:
+        monkeypatch.setenv(name, "0")  # so that monkeypatch restores the state before
+        monkeypatch.delenv(name)
+    assert tracking.configure() == mlflow_server.url
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 15
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    tracking.configure()
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 300
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 7
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_server.url  # the password moved out
 
 
 @pytest.fixture
@@ -243,6 +274,150 @@ def test_a_failing_step_marks_its_run_and_the_parent_failed(
     assert step.info.status == "FAILED" and parent.info.status == "FAILED"
     assert "does not exist" in step.data.tags[tracking.TAG_ERROR]
     assert step.data.tags[tracking.TAG_OUTCOME] == "failed"
+    assert parent.data.tags[tracking.TAG_OUTCOME] == "failed"
+    assert parent.data.tags[tracking.TAG_ERROR].startswith("train-stage-2: IagnError: ")
+
+
+def parent_run(server, step: tracking.StepRun):
+    return server.client().get_run(step.parent_id)
+
+
+def test_a_successful_step_leaves_the_parent_running_the_end_finishes_it_once(
+    mlflow_server, tracked_here
+):
+    tracked_here("end-test", IAGN_PIPELINE_RUN="end-run")
+    with tracking.step_run("validate") as first:
+        pass
+    assert mlflow_server.client().get_run(first.run_id).info.status == "FINISHED"
+    assert parent_run(mlflow_server, first).info.status == "RUNNING"
+    with tracking.step_run("train-stage-1") as second:
+        pass
+    assert second.parent_id == first.parent_id
+    assert parent_run(mlflow_server, first).info.status == "RUNNING"
+
+    # The pipeline's end (the KFP exit handler calls this) sets FINISHED.
+    ended = tracking.end_pipeline("FINISHED")
+    assert ended["run_id"] == first.parent_id and ended["status"] == "FINISHED"
+    parent = parent_run(mlflow_server, first)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.TAG_OUTCOME] == "succeeded"
+    assert tracking.describe_pipeline_parent()["status"] == "FINISHED"
+    # Once: ending it again (a retried exit handler) writes nothing.
+    assert tracking.end_pipeline("FINISHED")["status"] == "FINISHED"
+    assert parent_run(mlflow_server, first).info.end_time == parent.info.end_time
+
+
+def test_a_failed_parent_stays_failed(mlflow_server, tracked_here):
+    tracked_here("sticky-test", IAGN_PIPELINE_RUN="sticky-run")
+    with tracking.step_run("validate") as checked:
+        checked.block("blocking expectations failed: min_images_per_class")
+    failed = parent_run(mlflow_server, checked)
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags[tracking.TAG_OUTCOME] == "blocked"
+    assert failed.data.tags[tracking.TAG_ERROR] == (
+        "validate: blocking expectations failed: min_images_per_class"
+    )
+
+    # Later steps succeed, another one fails, the last stage succeeds: still FAILED, with
+    # the first failure's reason.
+    with tracking.step_run("train-stage-1") as later:
+        assert parent_run(mlflow_server, later).info.status == "FAILED"  # not RUNNING again
+    with pytest.raises(RuntimeError, match="boom"), tracking.step_run("train-stage-2"):
+        raise RuntimeError("boom")
+    with tracking.step_run("register", ends_pipeline=True) as last:
+        pass
+    parent = parent_run(mlflow_server, last)
+    assert last.parent_id == checked.parent_id
+    assert parent.info.status == "FAILED"
+    assert parent.info.end_time == failed.info.end_time
+    assert parent.data.tags[tracking.TAG_ERROR] == failed.data.tags[tracking.TAG_ERROR]
+
+    # The pipeline's end after a failure: FAILED whatever it is told.
+    assert tracking.end_pipeline("FINISHED")["status"] == "FAILED"
+    # The window MLflow leaves open (no compare-and-set): a step start read "not failed"
+    # just before a sibling failed, then wrote RUNNING. The end restores FAILED from the tag.
+    mlflow_server.client().update_run(last.parent_id, status="RUNNING")
+    assert tracking.end_pipeline("FINISHED")["status"] == "FAILED"
+    assert parent_run(mlflow_server, last).info.status == "FAILED"
+    marked = tracking.mark_pipeline_failed("KFP: iagn-steps ended FAILED", "iagn-steps")
+    assert marked["status"] == "FAILED"
+    tags = parent_run(mlflow_server, last).data.tags
+    assert tags[tracking.TAG_ERROR] == failed.data.tags[tracking.TAG_ERROR]
+    assert tags[tracking.TAG_FAILED_TASK] == "iagn-steps"
+
+
+def test_the_kfp_exit_handler_ends_the_parent(mlflow_server, tracked_here):
+    """components/on_exit.py's function as KFP calls it after the steps, with their status."""
+    from kfp import dsl
+
+    from components.on_exit import record_outcome
+
+    def exit_handler(state: str, message: str | None = None) -> dict:
+        status = dsl.PipelineTaskFinalStatus(
+            state=state,
+            pipeline_job_resource_name="",
+            pipeline_task_name="exit-handler-1",
+            error_code=None if message is None else 2,
+            error_message=message,
+        )
+        return json.loads(record_outcome.python_func(status, tracking_uri="", experiment=""))
+
+    tracked_here("exit-handler-test", KFP_RUN_ID="kfp-run-ok")
+    with tracking.step_run("register", ends_pipeline=True) as step:
+        pass
+    assert parent_run(mlflow_server, step).info.status == "RUNNING"
+    ended = exit_handler("SUCCEEDED")
+    assert ended["run_id"] == step.parent_id and ended["status"] == "FINISHED"
+    assert parent_run(mlflow_server, step).info.status == "FINISHED"
+
+    # A step failed: FAILED, and KFP's verdict does not overwrite the step's reason.
+    tracked_here("exit-handler-test", KFP_RUN_ID="kfp-run-failed")
+    with pytest.raises(RuntimeError), tracking.step_run("evaluate") as step:
+        raise RuntimeError("evaluation broke")
+    assert exit_handler("FAILED", "evaluate-teacher failed")["status"] == "FAILED"
+    tags = parent_run(mlflow_server, step).data.tags
+    assert tags[tracking.TAG_ERROR] == "evaluate: RuntimeError: evaluation broke"
+    assert tags[tracking.TAG_FAILED_TASK] == "exit-handler-1"
+
+    # Cancelled before any step run existed: the parent is created, KILLED.
+    tracked_here("exit-handler-test", KFP_RUN_ID="kfp-run-cancelled")
+    ended = exit_handler("CANCELLED", "cancelled by the user")
+    assert ended["status"] == "KILLED"
+    parent = mlflow_server.client().get_run(ended["run_id"])
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags[tracking.TAG_PIPELINE_KEY] == "kfp:kfp-run-cancelled"
+    assert parent.data.tags[tracking.TAG_ERROR] == (
+        "KFP: exit-handler-1 ended CANCELLED: cancelled by the user"
+    )
+
+
+def test_the_last_stage_ends_only_a_named_or_dvc_parent(mlflow_server, tracked_here):
+    # A named pipeline run outside KFP: register (ends_pipeline) ends the parent.
+    tracked_here("last-stage-test", IAGN_PIPELINE_RUN="named-run")
+    with tracking.step_run("evaluate") as evaluated:
+        pass
+    assert parent_run(mlflow_server, evaluated).info.status == "RUNNING"
+    with tracking.step_run("register", ends_pipeline=True) as registered:
+        pass
+    parent = parent_run(mlflow_server, registered)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tracking.TAG_OUTCOME] == "succeeded"
+
+    # Under KFP the exit handler ends the parent, not register.
+    tracked_here("last-stage-test", KFP_RUN_ID="kfp-run-end")
+    with tracking.step_run("register", ends_pipeline=True) as registered:
+        pass
+    assert parent_run(mlflow_server, registered).info.status == "RUNNING"
+    assert tracking.end_pipeline("FINISHED")["run_id"] == registered.parent_id
+    assert parent_run(mlflow_server, registered).info.status == "FINISHED"
+
+    # Alone (no pipeline key): the step run is top-level and ends itself.
+    tracked_here("last-stage-test")
+    with tracking.step_run("register", ends_pipeline=True) as alone:
+        pass
+    assert alone.parent_id is None
+    assert mlflow_server.client().get_run(alone.run_id).info.status == "FINISHED"
+    assert tracking.end_pipeline("FINISHED") == {}
 
 
 def test_kfp_run_id_and_an_explicit_parent(mlflow_server, tracked_here, monkeypatch):
@@ -256,12 +431,16 @@ def test_kfp_run_id_and_an_explicit_parent(mlflow_server, tracked_here, monkeypa
     client = mlflow_server.client()
     parent = client.get_run(first.parent_id)
     assert parent.data.tags[tracking.TAG_PIPELINE_KEY] == "kfp:kfp-run-42"
+    assert parent.info.status == "RUNNING"  # the exit handler ends it
     assert client.get_run(second.run_id).data.tags[provenance.TAG_KFP_RUN] == "kfp-run-42"
 
+    # A run named by IAGN_PARENT_RUN_ID belongs to whoever started it: its status is theirs.
     monkeypatch.setenv(tracking.ENV_PARENT_RUN, first.run_id)
-    with tracking.step_run("distill") as third:
-        pass
+    with pytest.raises(RuntimeError), tracking.step_run("distill") as third:
+        raise RuntimeError("a failed step under an explicit parent")
     assert client.get_run(third.run_id).data.tags["mlflow.parentRunId"] == first.run_id
+    assert client.get_run(third.run_id).info.status == "FAILED"
+    assert client.get_run(first.run_id).info.status == "FINISHED"
 
     monkeypatch.setenv(tracking.ENV_PARENT_RUN, "0" * 32)
     with (
@@ -277,14 +456,18 @@ def test_all_stages_of_one_dvc_repro_share_a_parent(mlflow_server, tmp_path):
     project.mkdir()
     run(["git", "init", "--quiet", "-b", "main"], cwd=project)
     dvc("init", "--quiet", cwd=project)
+    # Each stage writes its run id and the parent's status after its step; the second, the
+    # pipeline's last stage, ends the parent as `iagn register` does.
     step = (
-        "from pathlib import Path\nfrom iagn import tracking\n"
-        "with tracking.step_run('{name}') as r: Path('{name}.txt').write_text(r.run_id)"
+        "from pathlib import Path\nfrom mlflow import MlflowClient\nfrom iagn import tracking\n"
+        "with tracking.step_run('{name}', ends_pipeline={last}) as r: pass\n"
+        "status = MlflowClient().get_run(r.parent_id).info.status\n"
+        "Path('{name}.txt').write_text(f'{{r.run_id}} {{status}}')"
     )
     stages = {}
     for name, previous in (("first", None), ("second", "first.txt")):
         script = project / f"{name}.py"
-        script.write_text(step.format(name=name))
+        script.write_text(step.format(name=name, last=previous is not None))
         stages[name] = {
             "cmd": f"{BIN / 'python'} {script.name}",
             "deps": [script.name, *([previous] if previous else [])],
@@ -295,18 +478,19 @@ def test_all_stages_of_one_dvc_repro_share_a_parent(mlflow_server, tmp_path):
     (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
     env = mlflow_server.env("dvc-test")
     dvc("repro", "--quiet", cwd=project, env=env)
-    ids = [(project / f"{name}.txt").read_text() for name in ("first", "second")]
+    written = {name: (project / f"{name}.txt").read_text().split() for name in ("first", "second")}
+    assert written["first"][1] == "RUNNING" and written["second"][1] == "FINISHED"
     client = mlflow_server.client()
-    parents = {client.get_run(i).data.tags["mlflow.parentRunId"] for i in ids}
+    parents = {client.get_run(i).data.tags["mlflow.parentRunId"] for i, _ in written.values()}
     assert len(parents) == 1
     parent = client.get_run(parents.pop())
     assert parent.data.tags[tracking.TAG_PIPELINE_KEY].startswith("dvc:")
     assert parent.info.status == "FINISHED"
 
     # A second repro is a second pipeline execution: a new parent.
-    (project / "first.py").write_text(step.format(name="first") + "\n# changed")
+    (project / "first.py").write_text(step.format(name="first", last=False) + "\n# changed")
     dvc("repro", "--quiet", cwd=project, env=env)
-    again = (project / "first.txt").read_text()
+    again = (project / "first.txt").read_text().split()[0]
     assert client.get_run(again).data.tags["mlflow.parentRunId"] != parent.info.run_id
 
 

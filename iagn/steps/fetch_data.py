@@ -107,7 +107,7 @@ def resolve_revision(repo: str, rev: str) -> str:
 
 
 def _dvc_md5(folder: Path) -> str | None:
-    from iagn.tracking import dvc_data_version
+    from iagn.provenance import dvc_data_version
 
     return dvc_data_version(folder / "data.dvc")
 
@@ -209,7 +209,7 @@ def _fetch_revision(
 ):
     import yaml
 
-    from iagn.tracking import dvc_data_version
+    from iagn.provenance import dvc_data_version
 
     shown = scrub_text(repo)
     with tempfile.TemporaryDirectory(prefix="iagn-fetch-") as tmp:

@@ -1,0 +1,142 @@
+"""Where runs go: the tracking URI (credentials moved out of it), MLflow's HTTP limits, the
+server's reachability, the experiment, and MLflow failures as one readable error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from iagn.errors import IagnError
+from iagn.redact import scrub_text, scrub_uri
+
+ENV_TRACKING = "IAGN_TRACKING"
+DEFAULT_EXPERIMENT = "iagn"
+# MLflow's own HTTP settings, set unless the user set them. MLflow's defaults (120 s per
+# request, 7 retries with exponential backoff) keep a step waiting about 4 minutes for a
+# server that is down. With these, a refused connection fails after about 5 s (MLflow's
+# backoff sleeps 0 s, then 4-5 s) and a server that accepts but never answers after 3
+# attempts of 15 s. The timeout bounds each wait for the server, including its reply to an
+# artifact upload that it forwards to S3: raise it for large models over a slow link.
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+
+
+def tracking_enabled() -> bool:
+    """False with IAGN_TRACKING=off, and on torchrun ranks other than 0 (rank 0 tracks)."""
+    if os.environ.get(ENV_TRACKING, "").strip().lower() in ("off", "0", "false", "no"):
+        return False
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def credentials_out_of_uri() -> None:
+    """Move `user:password@` from the tracking URI to MLflow's credential variables."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(user))
+    if password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(password))
+    clean = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        os.environ["MLFLOW_TRACKING_URI"] = clean
+    if mlflow.get_tracking_uri() != clean:  # set with mlflow.set_tracking_uri()
+        mlflow.set_tracking_uri(clean)
+
+
+def _connection_failure(error: BaseException) -> str | None:
+    """Why MLflow's HTTP client got no answer (refused, timed out, ...); None if it got one."""
+    from requests.exceptions import RequestException
+
+    cause = error.__cause__ or error.__context__
+    if not isinstance(cause, RequestException):
+        return None  # an HTTP answer (401, 404, ...): the server is there
+    inner = cause.args[0] if cause.args else cause
+    inner = getattr(inner, "reason", inner)  # urllib3's MaxRetryError -> the last failure
+    text = str(inner)
+    # "HTTPConnection(host='h', port=1): Failed to establish ...": the host is named already.
+    if text.startswith(("HTTPConnection", "HTTPSConnection")) and ": " in text:
+        text = text.split(": ", 1)[1]
+    return scrub_text(text)
+
+
+def _check_reachable(uri: str) -> None:
+    """One cheap request through MLflow's client, under MLflow's timeout and retry settings."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient().search_experiments(max_results=1)
+    except MlflowException as error:
+        reason = _connection_failure(error)
+        if reason is None:
+            return  # it answered; authentication and permissions surface on the real calls
+        limits = ", ".join(f"{name}={os.environ[name]}" for name in HTTP_SETTINGS)
+        raise IagnError(
+            f"the MLflow tracking server {scrub_uri(uri)} is unreachable ({reason}; {limits}); "
+            "start it, fix MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI to track into the "
+            "embedded store ./mlflow.db"
+        ) from None
+
+
+def configure() -> str:
+    """Point MLflow at the configured store and check that it answers; the URI, scrubbed."""
+    import mlflow
+
+    for name, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(name, value)
+    credentials_out_of_uri()
+    uri = mlflow.get_tracking_uri()
+    if urlsplit(uri).scheme in ("http", "https"):
+        _check_reachable(uri)
+    return scrub_uri(uri)
+
+
+@contextlib.contextmanager
+def mlflow_errors(uri: str) -> Iterator[None]:
+    """MLflow, HTTP and S3 failures as one IagnError that names the store and what to check."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        s3_errors: tuple = (BotoCoreError, ClientError)
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        s3_errors = ()
+    try:
+        yield
+    except (MlflowException, RequestException, *s3_errors) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        raise IagnError(
+            f"MLflow tracking at {uri} failed: {type(exc).__name__}: {scrub_text(message)}\n"
+            "  -> check that the tracking server runs and MLFLOW_TRACKING_URI is right; for "
+            "artifacts in S3 also MLFLOW_S3_ENDPOINT_URL and the AWS credentials (of the "
+            "server when it proxies artifacts, else of this process)"
+        ) from None
+
+
+def experiment_id(client) -> str:
+    """The id of the experiment MLFLOW_EXPERIMENT_NAME (default `iagn`), created if needed."""
+    from mlflow.exceptions import MlflowException
+
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # another step created it in the meantime
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise IagnError(
+            f"the MLflow experiment {name!r} is deleted; restore it (`mlflow experiments "
+            "restore`) or set MLFLOW_EXPERIMENT_NAME to another name"
+        )
+    return experiment.experiment_id
