@@ -1,8 +1,10 @@
 """Classify and explain images from files, PIL images or arrays with a checkpoint.
 
 The preprocessing (resize the shorter side, centre crop, ImageNet normalization) comes from
-the checkpoint, so a model is usable from its file alone. Boxes are returned in the
-coordinates of the original image.
+the checkpoint, so a model is usable from its file alone. Images go through the decoder's
+rules (`iagn.data.images`: pixel limit, 16-bit/float refused, alpha on white), with the
+pixel limit the model's training data had (`data.max_pixels`, recorded in the checkpoint).
+Boxes are returned in the coordinates of the original image.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transform, load_rgb
+from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transform
+from iagn.data.images import DEFAULT_MAX_PIXELS, check_image, image_from_array, open_image
 from iagn.device import pick_device
 from iagn.evaluation.calibration import checkpoint_temperature
 from iagn.evaluation.plots import overlay
@@ -32,8 +35,10 @@ class ImageClassifier:
         device: str = "cpu",
         attention_threshold: float = 0.5,
         temperature: float = 1.0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.class_names = list(class_names)
+        self.max_pixels = max_pixels
         self.resize, self.crop = resize, crop
         self.transform = build_transform(False, resize, crop)
         self.predictor = Predictor(
@@ -51,6 +56,8 @@ class ImageClassifier:
             data["crop"],
             device,
             temperature=checkpoint_temperature(checkpoint),
+            # Checkpoints from before the limit existed carry none: the default applies.
+            max_pixels=data.get("max_pixels", DEFAULT_MAX_PIXELS),
         )
 
     def _to_original(self, box: torch.Tensor, width: int, height: int) -> list[float]:
@@ -68,7 +75,11 @@ class ImageClassifier:
 
     def predict_images(self, images: list[Image.Image]) -> tuple[list[dict[str, Any]], Any]:
         """One result dict per image: class_id, class_name, probability, top5, box."""
-        tensors = torch.stack([self.transform(image.convert("RGB")) for image in images])
+        images = [
+            check_image(image, self.max_pixels, name=f"image {index}")
+            for index, image in enumerate(images)
+        ]
+        tensors = torch.stack([self.transform(image) for image in images])
         prediction = self.predictor(torch.as_tensor(tensors))
         probabilities = prediction.logits["final"].softmax(dim=1).cpu()
         results = []
@@ -94,16 +105,20 @@ class ImageClassifier:
         return results, prediction
 
     def predict_files(self, paths: list[str | Path]) -> list[dict[str, Any]]:
-        return self.predict_images([load_rgb(Path(p)) for p in paths])[0]
+        return self.predict_images([open_image(p, self.max_pixels) for p in paths])[0]
 
     def predict_arrays(self, arrays: list[np.ndarray]) -> list[dict[str, Any]]:
+        """Arrays of values 0..255: H x W, H x W x 3 (RGB) or H x W x 4 (RGBA)."""
         return self.predict_images(
-            [Image.fromarray(np.asarray(a, dtype=np.uint8)) for a in arrays]
+            [
+                image_from_array(a, self.max_pixels, name=f"array {index}")
+                for index, a in enumerate(arrays)
+            ]
         )[0]
 
     def explain_file(self, path: str | Path, out: str | Path) -> dict[str, Any]:
         """Write a PNG: the centre-cropped image, heatmap, attention box, class, probability."""
-        image = load_rgb(Path(path))
+        image = open_image(path, self.max_pixels)
         results, prediction = self.predict_images([image])
         result = results[0]
         tensor = self.transform(image)

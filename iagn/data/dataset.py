@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from iagn.data.images import DEFAULT_MAX_PIXELS, open_image
 from iagn.data.manifest import BOX_COLUMNS, PART_BOX_COLUMNS
 from iagn.errors import DataError
 
@@ -47,7 +47,7 @@ def carve_validation(manifest: pd.DataFrame, fraction: float, seed: int) -> pd.D
         count = len(group)
         if count < 2:
             continue
-        take = min(count - 1, max(1, int(round(count * fraction))))
+        take = min(count - 1, max(1, round(count * fraction)))
         chosen = rng.permutation(count)[:take]
         val_index.extend(group.index[chosen])
     result.loc[val_index, "split"] = "val"
@@ -84,25 +84,9 @@ def build_transform(
     return v2.Compose(steps)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode an image fully as RGB; a broken file gets an error naming it."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(
-            "image file is missing", path=path, hint="re-fetch the dataset (`dvc pull`)"
-        ) from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(
-            f"image does not decode: {exc}",
-            path=path,
-            hint="replace the file or remove it from the dataset; `iagn validate` lists all",
-        ) from None
-
-
 class FineGrainedDataset(Dataset):
-    """One split of a manifest as tensors.
+    """One split of a manifest as tensors, decoded by `iagn.data.images.open_image` (pixel
+    limit `max_pixels`, 16-bit/float refused, alpha on white).
 
     Each item is a dict:
         image     float tensor [3, H, W] (normalized)
@@ -114,7 +98,12 @@ class FineGrainedDataset(Dataset):
     """
 
     def __init__(
-        self, manifest: pd.DataFrame, root: str | Path, split: str | None, transform=None
+        self,
+        manifest: pd.DataFrame,
+        root: str | Path,
+        split: str | None,
+        transform=None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         rows = manifest if split is None else manifest[manifest["split"] == split]
         if rows.empty:
@@ -124,6 +113,7 @@ class FineGrainedDataset(Dataset):
             )
         self.root = Path(root)
         self.transform = transform
+        self.max_pixels = max_pixels
         self.paths = [self.root / p for p in rows["path"]]
         self.labels = torch.tensor(rows["label"].to_numpy(), dtype=torch.int64)
         self.image_ids = torch.tensor(rows["image_id"].to_numpy(), dtype=torch.int64)
@@ -134,7 +124,7 @@ class FineGrainedDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        image = load_rgb(self.paths[index])
+        image = open_image(self.paths[index], self.max_pixels)
         width, height = image.size
         xywh = np.stack([self.object_boxes[index], self.part_boxes[index]])
         known = ~np.isnan(xywh).any(axis=1)

@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pandas as pd
 
+from iagn.data.images import DEFAULT_MAX_PIXELS
 from iagn.data.manifest import build_manifest
 from iagn.data.readers import aircraft, cars, cub, imagefolder
 from iagn.errors import DataError
@@ -67,14 +68,23 @@ def resolve(root: str | Path, format: str | None = None) -> tuple[str, Path]:
     return format, root  # the reader names the missing file
 
 
-def load_manifest(root: str | Path, format: str | None = None, **options) -> pd.DataFrame:
+def load_manifest(
+    root: str | Path,
+    format: str | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside_root: bool = False,
+    **options,
+) -> pd.DataFrame:
     """Read a dataset in any supported layout and return its manifest table.
 
-    `options` go to the reader (e.g. `level="family"` for FGVC-Aircraft).
+    `max_pixels` and `allow_outside_root` are params.yaml's data.max_pixels and
+    data.allow_outside_root (see `iagn.data.images` and `check_inside_root`); `options` go to
+    the reader (e.g. `level="family"` for FGVC-Aircraft).
     """
     name, dataset_root = resolve(root, format)
-    raw = READERS[name].read(dataset_root, **options)
-    return build_manifest(raw)
+    raw = READERS[name].read(dataset_root, allow_outside_root=allow_outside_root, **options)
+    return build_manifest(raw, max_pixels=max_pixels)
 
 
 def dataset_root(root: str | Path, format: str | None = None) -> Path:

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
+from iagn.data.images import DEFAULT_MAX_PIXELS, ImageError, image_size
 from iagn.errors import DataError
-from iagn.io import atomic_path, sha256_file
+from iagn.io import atomic_path
 
 SPLITS = ("train", "val", "test")
 BOX_COLUMNS = ("x", "y", "w", "h")
@@ -83,7 +83,29 @@ class RawDataset:
     records: list[ImageRecord] = field(default_factory=list)
 
 
-def _probe(root: Path, record: ImageRecord) -> tuple[int, int, str]:
+def check_inside_root(raw: RawDataset) -> RawDataset:
+    """`raw`, after checking that every listed image resolves (symlinks followed) to a path
+    inside the dataset root; a DataError names the listing line of the first that does not.
+
+    Readers call it unless params.yaml data.allow_outside_root is true: a listing line such
+    as `../../../home/me/.ssh/id_rsa` or a symlink out of the dataset must not make a step
+    read, hash and train on files elsewhere.
+    """
+    root = Path(raw.root).resolve()
+    for record in raw.records:
+        resolved = (root / record.path).resolve()
+        if not resolved.is_relative_to(root):
+            raise DataError(
+                f"image {record.path!r} (id {record.image_id}) points outside the dataset root "
+                f"{root} (resolved to {resolved})",
+                **record.where(),
+                hint="remove the line (or the link), or set params.yaml "
+                "data.allow_outside_root: true if the data really lives there",
+            )
+    return raw
+
+
+def _probe(root: Path, record: ImageRecord, max_pixels: int) -> tuple[int, int, str]:
     """Size from the image header and the content hash; errors name the annotation line."""
     image_path = root / record.path
     if not image_path.is_file():
@@ -94,15 +116,21 @@ def _probe(root: Path, record: ImageRecord) -> tuple[int, int, str]:
             hint="restore the file (re-extract the dataset archive) or remove it from the listing",
         )
     try:
-        with Image.open(image_path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError) as exc:
+        data = image_path.read_bytes()  # read once: the hash and the header share the bytes
+        width, height = image_size(data, max_pixels, name=image_path)
+    except OSError as exc:
         raise DataError(
-            f"image {record.path!r} (id {record.image_id}) is not a readable image: {exc}",
+            f"image {record.path!r} (id {record.image_id}) cannot be read: {exc.strerror or exc}",
             **record.where(),
-            hint="replace the file with a valid JPEG/PNG or remove it from the listing",
+            hint="check the file's permissions, or remove it from the listing",
         ) from None
-    return width, height, sha256_file(image_path)
+    except ImageError as exc:
+        raise DataError(
+            f"image {record.path!r} (id {record.image_id}) {exc.problem}",
+            **record.where(),
+            hint=exc.hint,
+        ) from None
+    return width, height, hashlib.sha256(data).hexdigest()
 
 
 def box_overshoot_tolerance(size: int) -> float:
@@ -133,8 +161,11 @@ def _checked_box(record: ImageRecord, kind: str, width: int, height: int) -> tup
     return (x0, y0, x1 - x0, y1 - y0)
 
 
-def build_manifest(raw: RawDataset, workers: int | None = None) -> pd.DataFrame:
-    """Probe every listed image (exists, header decodes, size, hash) and build the table."""
+def build_manifest(
+    raw: RawDataset, workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> pd.DataFrame:
+    """Probe every listed image (exists, header decodes, size within `max_pixels`, a mode
+    that converts to RGB, hash) and build the table."""
     num_classes = len(raw.class_names)
     seen_ids: dict[int, ImageRecord] = {}
     for record in raw.records:
@@ -162,7 +193,7 @@ def build_manifest(raw: RawDataset, workers: int | None = None) -> pd.DataFrame:
 
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        probes = list(pool.map(lambda r: _probe(raw.root, r), raw.records))
+        probes = list(pool.map(lambda r: _probe(raw.root, r, max_pixels), raw.records))
 
     rows = []
     nan_box = (np.nan,) * 4
@@ -220,8 +251,10 @@ def manifest_digest(manifest: pd.DataFrame) -> str:
 
     Checkpoints record it so a model is always traceable to the exact data it saw.
     """
-    canonical = manifest[list(COLUMNS)].sort_values("image_id").to_csv(
-        index=False, float_format="%.2f", lineterminator="\n"
+    canonical = (
+        manifest[list(COLUMNS)]
+        .sort_values("image_id")
+        .to_csv(index=False, float_format="%.2f", lineterminator="\n")
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 

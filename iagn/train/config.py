@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from iagn.data.images import DEFAULT_MAX_PIXELS
 from iagn.errors import IagnError
 from iagn.models.iagn import ModelConfig
 from iagn.params import section
@@ -32,10 +33,25 @@ class DataConfig:
     split_seed: int = 0
     resize: int = 146
     crop: int = 128
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused from their header
+    allow_outside_root: bool = False  # listed images may resolve outside the dataset root
 
     @property
     def format_or_none(self) -> str | None:
         return None if self.format in ("auto", "", None) else self.format
+
+    def check(self) -> None:
+        limit = self.max_pixels
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise IagnError(
+                f"params.yaml data.max_pixels must be a whole number of pixels >= 1, got "
+                f"{limit!r}; e.g. {DEFAULT_MAX_PIXELS} (8192 x 8192)"
+            )
+        if not isinstance(self.allow_outside_root, bool):
+            raise IagnError(
+                "params.yaml data.allow_outside_root must be true or false, got "
+                f"{self.allow_outside_root!r}"
+            )
 
 
 @dataclass
@@ -103,7 +119,9 @@ class DistillConfig:
 
 
 def data_config(params: dict) -> DataConfig:
-    return from_mapping(DataConfig, section(params, "data"), "data")
+    config = from_mapping(DataConfig, section(params, "data"), "data")
+    config.check()
+    return config
 
 
 def model_config(params: dict, num_classes: int, class_names: list[str]) -> ModelConfig:

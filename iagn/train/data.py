@@ -37,11 +37,15 @@ class PreparedData:
             "class_names": self.class_names,
             "resize": self.config.resize,
             "crop": self.config.crop,
+            # predict, explain and serving decode with the limit the training data had
+            "max_pixels": self.config.max_pixels,
         }
 
     def dataset(self, split: str | None, train: bool) -> FineGrainedDataset:
         transform = build_transform(train, self.config.resize, self.config.crop)
-        return FineGrainedDataset(self.manifest, self.root, split, transform)
+        return FineGrainedDataset(
+            self.manifest, self.root, split, transform, max_pixels=self.config.max_pixels
+        )
 
     def loader(
         self,
@@ -75,7 +79,12 @@ class PreparedData:
 
 def prepare_data(data_dir: str | Path, config: DataConfig) -> PreparedData:
     name, root = resolve(data_dir, config.format_or_none)
-    manifest = load_manifest(root, name)
+    manifest = load_manifest(
+        root,
+        name,
+        max_pixels=config.max_pixels,
+        allow_outside_root=config.allow_outside_root,
+    )
     return PreparedData(
         root=root,
         format=name,

@@ -8,18 +8,21 @@ data in a `FileProbe` and nothing raises.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from iagn.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    decode,
+    mode_problem,
+    open_header,
+    rgb_problem,
+)
 
-# PIL "converts" these to RGB by clipping every value to 0..255, so a 16-bit or float image
-# quietly turns into a washed-out picture: the kind of breakage validation is for.
-CLIPPING_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # Below this many files a process pool costs more to start than it saves.
 POOL_MIN_FILES = 64
 
@@ -38,23 +41,15 @@ class FileProbe:
     rgb_error: str | None = None
 
 
-def _rgb_problem(image: Image.Image) -> str | None:
-    if image.mode == "RGB":
-        return None
-    if image.mode in CLIPPING_MODES:
-        return (
-            f"mode {image.mode} holds 16-bit or float values; converting it to RGB clips "
-            "them to 0..255 (a washed-out image)"
-        )
-    try:
-        image.convert("RGB")
-    except Exception as exc:  # any conversion failure is the finding itself
-        return f"mode {image.mode} does not convert to RGB: {exc}"
-    return None
+def probe_file(
+    path: str | os.PathLike, full_decode: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> FileProbe:
+    """Probe one file; never raises for a bad file (the failure is in the result).
 
-
-def probe_file(path: str | os.PathLike, full_decode: bool = True) -> FileProbe:
-    """Probe one file; never raises for a bad file (the failure is in the result)."""
+    The decoder's rules (`iagn.data.images`) decide: an image above `max_pixels` is a
+    decode error found from the header; `rgb_error` is the decoder's mode rule, from the
+    header alone when the file is not fully decoded.
+    """
     path = Path(path)
     if not path.is_file():
         return FileProbe(exists=False)
@@ -65,22 +60,18 @@ def probe_file(path: str | os.PathLike, full_decode: bool = True) -> FileProbe:
     digest = hashlib.sha256(data).hexdigest()
     width = height = mode = None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_header(data, max_pixels, name=path) as image:
             (width, height), mode = image.size, image.mode
             if not full_decode:
-                return FileProbe(True, width, height, mode, digest)
-            image.load()  # the full decode: catches truncated and corrupt image data
-            rgb_error = _rgb_problem(image)
-    except UnidentifiedImageError:
-        error = f"not an image PIL can read (unknown format or corrupt header, {len(data)} bytes)"
-        return FileProbe(True, sha256=digest, decode_error=error)
-    except Exception as exc:  # decoders raise many types; all mean "broken"
-        error = f"does not decode: {exc}" if str(exc) else f"does not decode: {type(exc).__name__}"
-        return FileProbe(True, width, height, mode, digest, decode_error=error)
+                return FileProbe(True, width, height, mode, digest, rgb_error=mode_problem(mode))
+            decode(image, max_pixels, name=path)  # catches truncated and corrupt image data
+            rgb_error = rgb_problem(image)
+    except ImageError as exc:
+        return FileProbe(True, width, height, mode, digest, decode_error=exc.problem)
     return FileProbe(True, width, height, mode, digest, decoded=True, rgb_error=rgb_error)
 
 
-def _probe_job(job: tuple[str, bool]) -> FileProbe:
+def _probe_job(job: tuple[str, bool, int]) -> FileProbe:
     return probe_file(*job)
 
 
@@ -89,10 +80,11 @@ def probe_files(
     full_decode: Sequence[bool],
     workers: int = 1,
     progress: Callable[[int], object] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> list[FileProbe]:
     """Probe files in order; `workers` > 1 decodes in that many processes (decoding is CPU
     bound, so threads would share one core under the GIL for the Python parts)."""
-    jobs = [(str(p), bool(d)) for p, d in zip(paths, full_decode, strict=True)]
+    jobs = [(str(p), bool(d), max_pixels) for p, d in zip(paths, full_decode, strict=True)]
     if workers <= 1 or len(jobs) < POOL_MIN_FILES:
         return _collect(map(_probe_job, jobs), progress)
     # Chunks amortize inter-process overhead yet stay small enough for a smooth progress bar.

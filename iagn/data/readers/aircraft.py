@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iagn.data.manifest import ImageRecord, RawDataset
+from iagn.data.manifest import ImageRecord, RawDataset, check_inside_root
 from iagn.data.readers.text import parse_float, read_rows, require_file
 from iagn.errors import DataError
 
@@ -86,8 +86,9 @@ def _read_boxes(path: Path) -> dict[str, tuple[int, tuple[float, float, float, f
     return boxes
 
 
-def read(root: Path, level: str | None = "variant") -> RawDataset:
-    """Read the dataset labelled at `level` ("variant", "family" or "manufacturer")."""
+def read(root: Path, level: str | None = "variant", allow_outside_root: bool = False) -> RawDataset:
+    """Read the dataset labelled at `level` ("variant", "family" or "manufacturer"); listed
+    images must lie inside `root` unless `allow_outside_root`."""
     root = Path(root)
     level = level or "variant"
     if level not in LEVELS:
@@ -155,4 +156,5 @@ def read(root: Path, level: str | None = "variant") -> RawDataset:
                 record.locations["box"] = (box_path, box_line)
             records.append(record)
     class_names = sorted(labels, key=labels.__getitem__)
-    return RawDataset(root=root, class_names=class_names, records=records)
+    raw = RawDataset(root=root, class_names=class_names, records=records)
+    return raw if allow_outside_root else check_inside_root(raw)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import scipy.io
 
-from iagn.data.manifest import ImageRecord, RawDataset
+from iagn.data.manifest import ImageRecord, RawDataset, check_inside_root
 from iagn.errors import DataError
 
 META_FILE = "cars_meta.mat"
@@ -249,7 +249,8 @@ def _read_annotations(
     return records
 
 
-def read(root: Path) -> RawDataset:
+def read(root: Path, allow_outside_root: bool = False) -> RawDataset:
+    """The dataset at `root`; listed images must lie inside it unless `allow_outside_root`."""
     root = Path(root)
     if not root.is_dir():
         raise DataError("dataset folder does not exist", path=root, hint=HINT)
@@ -283,4 +284,5 @@ def read(root: Path) -> RawDataset:
     test = _read_annotations(
         root, found[TEST_ANNOS_FILE], TEST_DIR, "test", len(train) + 1, len(class_names)
     )
-    return RawDataset(root=root, class_names=class_names, records=train + test)
+    raw = RawDataset(root=root, class_names=class_names, records=train + test)
+    return raw if allow_outside_root else check_inside_root(raw)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from iagn.data.manifest import ImageRecord, RawDataset
+from iagn.data.manifest import ImageRecord, RawDataset, check_inside_root
 from iagn.data.readers.text import parse_float, parse_int, read_rows, require_file
 from iagn.errors import DataError
 
@@ -45,7 +45,8 @@ def _read_boxes(path: Path) -> dict[int, tuple[int, tuple[float, float, float, f
     return boxes
 
 
-def read(root: Path) -> RawDataset:
+def read(root: Path, allow_outside_root: bool = False) -> RawDataset:
+    """The dataset at `root`; listed images must lie inside it unless `allow_outside_root`."""
     root = Path(root)
     for name in REQUIRED_FILES:
         require_file(root / name, f"CUB-200-2011 file {name}", HINT)
@@ -98,10 +99,12 @@ def read(root: Path) -> RawDataset:
             line=line,
             locations={"label": (root / "image_class_labels.txt", label_line)},
         )
-        for kind, table, table_path in (("box", boxes, boxes_path), ("part_box", part_boxes, parts_path)):
+        box_tables = (("box", boxes, boxes_path), ("part_box", part_boxes, parts_path))
+        for kind, table, table_path in box_tables:
             if image_id in table:
                 box_line, box = table[image_id]
                 setattr(record, kind, box)
                 record.locations[kind] = (table_path, box_line)
         records.append(record)
-    return RawDataset(root=root, class_names=class_names, records=records)
+    raw = RawDataset(root=root, class_names=class_names, records=records)
+    return raw if allow_outside_root else check_inside_root(raw)

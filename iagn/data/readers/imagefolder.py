@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from iagn.data.manifest import ImageRecord, RawDataset
+from iagn.data.manifest import ImageRecord, RawDataset, check_inside_root
 from iagn.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -75,7 +75,9 @@ def _read_split(split_dir: Path) -> dict[str, list[str]]:
     return classes
 
 
-def read(root: Path) -> RawDataset:
+def read(root: Path, allow_outside_root: bool = False) -> RawDataset:
+    """The dataset at `root`; images (and the folders holding them) must not be links that
+    lead out of it unless `allow_outside_root`."""
     root = Path(root)
     splits = {split: root / split for split in SPLITS if (root / split).is_dir()}
     if "train" not in splits:
@@ -122,4 +124,5 @@ def read(root: Path) -> RawDataset:
                         source=path,
                     )
                 )
-    return RawDataset(root=root, class_names=class_names, records=records)
+    raw = RawDataset(root=root, class_names=class_names, records=records)
+    return raw if allow_outside_root else check_inside_root(raw)
