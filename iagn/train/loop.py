@@ -8,10 +8,11 @@ NaN loss, progress bars, and callbacks for experiment tracking. What a step comp
 passed in as `step_fn`.
 
 Files: every epoch goes to `<out>.partial`; the finished model goes to `out` only when the
-step calls `finish_run` after the last epoch (with what it adds, such as the calibration). So `out` (and its history/metrics JSON) is either the previous
-finished model or the new one, never a half-trained one, whatever kills the run: DVC keeps
-it in place (`persist: true`) and downstream steps never see a partial model. A rerun with
-the same identity (kind, stage, configs, data, init/teacher checkpoint) continues from the
+step calls `finish_run` after the last epoch (with what it adds, such as the calibration).
+So `out` (and its history/metrics JSON) is either the previous finished model or the new
+one, never a half-trained one, whatever kills the run: DVC keeps it in place
+(`persist: true`) and downstream steps never see a partial model. A rerun with the same
+identity (kind, stage, configs, data, init/teacher checkpoint) continues from the
 partial file; anything else starts fresh.
 """
 
