@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 
 from iagn import __version__
-from iagn.commands import data, fetch, models, registry, remote, train, validate
+from iagn.commands import checkpoint, data, fetch, models, registry, remote, train, validate
 from iagn.errors import IagnError
 
 # Order is the order of `iagn --help`: the pipeline's steps from data to registry.
-COMMAND_MODULES = (data, remote, fetch, validate, train, models, registry)
+COMMAND_MODULES = (data, remote, fetch, validate, train, models, registry, checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,11 @@
 """A teacher or student checkpoint as an MLflow model (pyfunc) that works from the registry alone.
 
 The logged model bundles everything serving needs: the weights with the class names and the
-preprocessing (a slim checkpoint without optimizer state, see `SERVING_KEYS`), the `iagn`
-package itself (`code_paths`, so `models:/<name>@champion` loads where iagn is not
-installed) and a signature with an input example. It runs on the CPU unless
-IAGN_SERVING_DEVICE says otherwise (e.g. `cuda`).
+preprocessing (a slim checkpoint without optimizer state, see `SERVING_KEYS`; loaded, like
+every checkpoint, without running any code from the file), the `iagn` package itself
+(`code_paths`, so `models:/<name>@champion` loads where iagn is not installed) and a
+signature with an input example. It runs on the CPU unless IAGN_SERVING_DEVICE says
+otherwise (e.g. `cuda`).
 
 Input, a DataFrame with one image per row in either column:
     image   a base64-encoded image file (JPEG, PNG, BMP, WebP, ...; a `data:` URI is fine)
@@ -189,12 +190,19 @@ class IagnModel(mlflow.pyfunc.PythonModel):
     """pyfunc flavour of a checkpoint: loads once, classifies and explains images per call."""
 
     def load_context(self, context) -> None:
+        """Loads `artifacts/model.pt` like every iagn checkpoint: never running code from it
+        (iagn/train/checkpoint.py). A replaced or damaged file stops the load with an
+        MlflowException that says what is wrong; nothing in the file ran."""
+        from iagn.errors import IagnError
         from iagn.inference import ImageClassifier
 
         device = os.environ.get("IAGN_SERVING_DEVICE", "cpu")
-        self.classifier = ImageClassifier.from_checkpoint(
-            context.artifacts["checkpoint"], device=device
-        )
+        try:
+            self.classifier = ImageClassifier.from_checkpoint(
+                context.artifacts["checkpoint"], device=device
+            )
+        except IagnError as error:
+            raise MlflowException(f"iagn model not loaded: {error}") from None
 
     # A DataFrame hint makes MLflow keep SIGNATURE (it infers no schema from DataFrame hints);
     # `decode_images` also takes the dicts and arrays that Python callers may pass.
