@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from bench.common import (
     demo_params,
     device_name,
@@ -34,6 +32,7 @@ from bench.common import (
     write_results,
 )
 from bench.pmg_reference import reference_step
+from iagn.checkpoint import load_checkpoint
 from iagn.device import pick_device
 from iagn.evaluation.heads import accuracy_on
 from iagn.models.iagn import IAGN
@@ -63,7 +62,7 @@ def run_ours(params: dict, data: Path, precision: str, epochs: int, out: Path) -
     )
     prepared = prepare_data(data, data_config(params))
     model = IAGN(model_config(params, prepared.num_classes, prepared.class_names))
-    model.load_state_dict(torch.load(out, weights_only=False)["model_state"])
+    model.load_state_dict(load_checkpoint(out)["model_state"])
     device = pick_device()
     test = accuracy_on(model.to(device), prepared.loader("test", False, 64), device, "fp32")
     return {

@@ -20,9 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from components.pages import cell
-from iagn.provenance import ENV_KFP_RUN
+from iagn.provenance import ENV_DATA_VERSION, ENV_KFP_RUN
 
-ENV_DATA_VERSION = "IAGN_DATA_VERSION"
 NOISY_LOGGERS = ("great_expectations", "botocore", "urllib3", "alembic", "git", "matplotlib")
 
 

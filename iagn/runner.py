@@ -67,7 +67,7 @@ def _log_trained(run: tracking.StepRun, result: dict, out: Path, model_kind: str
     """After training: epochs the callback missed, the dataset and (when final) the model."""
     if not run.active:
         return
-    from iagn.train.checkpoint import load_checkpoint
+    from iagn.checkpoint import load_checkpoint
 
     run.log_history(result["history"])
     checkpoint = load_checkpoint(out)
@@ -166,9 +166,9 @@ def evaluate(
 def _log_evaluation(run: tracking.StepRun, metrics: dict, model_path: Path, out: Path) -> None:
     import mlflow
 
+    from iagn.checkpoint import load_checkpoint
     from iagn.io import sha256_file
     from iagn.registry import TAG_CHECKPOINT, TAG_KIND, find_logged_model
-    from iagn.train.checkpoint import load_checkpoint
 
     kind = metrics["kind"]
     sha = sha256_file(model_path)
@@ -216,10 +216,10 @@ def _read_metrics(eval_dir: Path, kind: str, checkpoint: dict) -> dict[str, Any]
 
 def _register_one(run: tracking.StepRun, client, config, kind: str, path: Path, eval_dir: Path):
     """The gate, then (if passed) the registry, for one checkpoint: the outcome as a dict."""
+    from iagn.checkpoint import load_checkpoint
     from iagn.io import sha256_file
     from iagn.registry import find_logged_model
     from iagn.steps import register as step
-    from iagn.train.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(path, kind=kind)
     metrics = _read_metrics(eval_dir, kind, checkpoint)

@@ -39,10 +39,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Object, Property, Schema
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 import iagn
-from iagn.train.checkpoint import save_checkpoint
+from iagn.checkpoint import save_checkpoint
+from iagn.data.images import ImageError, open_image
 
 # What inference needs from a checkpoint; optimizer, scheduler and RNG states are dropped.
 SERVING_KEYS = ("kind", "stage", "model_config", "model_state", "data", "complete", "train_config")
@@ -119,10 +120,9 @@ def image_from_base64(value: Any, row: int) -> Image.Image:
     else:
         raise invalid(f"row {row}: `image` must be a base64 string, got {type(value).__name__}")
     try:
-        with Image.open(io.BytesIO(raw)) as image:
-            return image.convert("RGB")  # convert() decodes fully: truncated files fail here
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        reason = "no known image format" if isinstance(exc, UnidentifiedImageError) else exc
+        return open_image(raw)  # the decoder training and predict use: pixel limit, modes
+    except ImageError as exc:
+        reason = exc.problem
         raise invalid(
             f"row {row}: `image` ({len(raw)} bytes) does not decode as an image ({reason}); "
             "send a JPEG, PNG, BMP or WebP file, base64-encoded"
@@ -191,7 +191,7 @@ class IagnModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         """Loads `artifacts/model.pt` like every iagn checkpoint: never running code from it
-        (iagn/train/checkpoint.py). A replaced or damaged file stops the load with an
+        (iagn/checkpoint.py). A replaced or damaged file stops the load with an
         MlflowException that says what is wrong; nothing in the file ran."""
         from iagn.errors import IagnError
         from iagn.inference import ImageClassifier

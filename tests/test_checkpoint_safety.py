@@ -35,10 +35,7 @@ from helpers import BIN, free_port, iagn
 from mlflow_server import stop_group
 from test_training import tiny_params
 
-from iagn.errors import IagnError
-from iagn.models.load import load_model
-from iagn.models.student import Student, StudentConfig
-from iagn.train.checkpoint import (
+from iagn.checkpoint import (
     ALLOWED_GLOBALS,
     FORMAT,
     convert_checkpoint,
@@ -47,6 +44,9 @@ from iagn.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from iagn.errors import IagnError
+from iagn.models.load import load_model
+from iagn.models.student import Student, StudentConfig
 from iagn.train.schedule import warmup_cosine
 
 REFUSED = "was not loaded"

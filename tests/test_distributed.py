@@ -9,7 +9,7 @@ import yaml
 from helpers import free_port, run
 from test_training import tiny_params
 
-from iagn.train.checkpoint import load_checkpoint
+from iagn.checkpoint import load_checkpoint
 
 
 def test_two_process_ddp_training(tiny_synth: Path, tmp_path: Path):

@@ -34,7 +34,8 @@ class Layer:
 LAYERS = (
     Layer("foundation", ("iagn", "iagn.errors", "iagn.io", "iagn.redact", "iagn.params",
                          "iagn.device", "iagn.precision")),
-    Layer("building blocks", ("iagn.provenance", "iagn.dvc_remote", "iagn.tracking",
+    Layer("building blocks", ("iagn.checkpoint", "iagn.provenance", "iagn.dvc_remote",
+                              "iagn.tracking",
                               "iagn.data", "iagn.models", "iagn.validation")),
     Layer("evaluation", ("iagn.evaluation",)),
     Layer("training", ("iagn.train",)),

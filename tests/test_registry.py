@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from mlflow_server import (
     MODEL_NAME,
@@ -18,6 +17,7 @@ from mlflow_server import (
 )
 
 from iagn import runner, tracking
+from iagn.checkpoint import load_checkpoint, save_checkpoint
 from iagn.errors import IagnError
 from iagn.steps import register as step
 
@@ -104,10 +104,10 @@ def test_a_model_that_fails_the_gate_is_not_registered(mlflow_server, tracked_pi
 
 def _candidate(pipeline, tmp_path: Path, name: str, **changes: float) -> tuple[Path, Path]:
     """A copy of the student (new file, same weights) and its evaluation with `changes`."""
-    checkpoint = torch.load(pipeline.path("build/student.pt"), weights_only=False)
+    checkpoint = load_checkpoint(pipeline.path("build/student.pt"))
     checkpoint["note"] = name  # another checkpoint file: another sha256
     path = tmp_path / f"{name}.pt"
-    torch.save(checkpoint, path)
+    save_checkpoint(path, checkpoint)
     evaluation = tmp_path / f"{name}-eval"
     shutil.copytree(pipeline.path("build/eval/student"), evaluation)
     metrics = json.loads((evaluation / "metrics.json").read_text())

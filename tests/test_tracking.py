@@ -21,8 +21,8 @@ from mlflow_server import (
 )
 
 from iagn import provenance, redact, runner, tracking
+from iagn.checkpoint import load_checkpoint
 from iagn.errors import IagnError
-from iagn.train.checkpoint import load_checkpoint
 
 __all__ = ["mlflow_server", "tracked_pipeline"]  # fixtures used by the tests below
 

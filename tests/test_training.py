@@ -14,10 +14,10 @@ from conftest import REPO_ROOT, smoke_params
 
 import iagn.steps.train_stage as train_stage_module
 from iagn import device, precision
+from iagn.checkpoint import load_checkpoint, save_checkpoint
 from iagn.errors import IagnError
 from iagn.params import load_params
 from iagn.steps import distill, evaluate, train_stage
-from iagn.train.checkpoint import load_checkpoint
 
 
 def tiny_params(data: Path, epochs: int = 1) -> dict:
@@ -195,9 +195,9 @@ def test_incompatible_init_checkpoints_are_explained(pipeline_outputs, tiny_synt
     params["model"]["backbone"] = "resnet34"
     with pytest.raises(IagnError, match=r"trained with backbone resnet18.*resnet34"):
         train_stage.run(2, None, params, tmp_path / "x.pt", s1, quiet=True)
-    checkpoint = torch.load(s1, weights_only=False)
+    checkpoint = load_checkpoint(s1)
     checkpoint["model_config"]["num_classes"] = 9
-    torch.save(checkpoint, tmp_path / "nine.pt")
+    save_checkpoint(tmp_path / "nine.pt", checkpoint)
     with pytest.raises(IagnError, match="has 9 classes, but the dataset has 4"):
         train_stage.run(
             2, None, pipeline_outputs["params"], tmp_path / "x.pt", tmp_path / "nine.pt", quiet=True

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from iagn.train.checkpoint import convert_checkpoint
+    from iagn.checkpoint import convert_checkpoint
 
     target = args.new or args.old
     written = convert_checkpoint(args.old, target)

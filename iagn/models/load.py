@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from iagn.checkpoint import load_checkpoint
 from iagn.errors import IagnError
 from iagn.models.iagn import IAGN, ModelConfig
 from iagn.models.student import Student, StudentConfig
-from iagn.train.checkpoint import load_checkpoint
 
 MODEL_KINDS = ("teacher", "student")
 # What using a model needs beyond its kind: weights, architecture, preprocessing and classes.

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch.nn.functional as F
 
+from iagn.checkpoint import load_checkpoint
 from iagn.errors import IagnError
 from iagn.evaluation.predictor import Predictor
 from iagn.io import sha256_file
@@ -22,7 +23,6 @@ from iagn.models.load import model_from_checkpoint
 from iagn.models.student import Student, StudentConfig
 from iagn.precision import resolve_precision
 from iagn.train.calibrated import finish_calibrated
-from iagn.train.checkpoint import load_checkpoint
 from iagn.train.config import distill_config
 from iagn.train.data import prepare_step_data
 from iagn.train.distributed import Runtime, init_runtime

@@ -16,12 +16,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from iagn.checkpoint import check_compatible, load_checkpoint
 from iagn.errors import IagnError
 from iagn.io import sha256_file
 from iagn.models.iagn import IAGN, ModelConfig
 from iagn.precision import resolve_precision
 from iagn.train.calibrated import finish_calibrated
-from iagn.train.checkpoint import check_compatible, load_checkpoint
 from iagn.train.config import (
     model_config,
     stage_config,

@@ -150,7 +150,7 @@ class StepRun:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
     def log_dataset(self, identity: Mapping[str, Any], context: str) -> None:
-        """The dataset a checkpoint records (`data` of iagn/train/checkpoint.py) as an input."""
+        """The dataset a checkpoint records (`data` of iagn/checkpoint.py) as an input."""
         if not self.active or not identity.get("digest"):
             return
         import mlflow

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from iagn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from iagn.errors import IagnError
 from iagn.evaluation.heads import accuracy_on
 from iagn.io import write_json_atomic
 from iagn.precision import autocast, grad_scaler
-from iagn.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from iagn.train.distributed import Runtime, all_reduce_mean, barrier
 from iagn.train.schedule import warmup_cosine
 
