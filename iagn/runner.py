@@ -43,8 +43,10 @@ def validate(
     from iagn.steps import validate as step
 
     settings = section(params, "validate")
+    reading = params.get("data") or {}  # how training will read the data: the same limits
+    limits = {k: reading[k] for k in ("max_pixels", "allow_outside_root") if k in reading}
     with tracking.step_run("validate", params, ("validate",)) as run:
-        report = step.run(data, settings, out, format, progress=progress)
+        report = step.run(data, settings, out, format, progress=progress, **limits)
         dataset = report.document.get("dataset", {})
         run.log_metrics(
             {

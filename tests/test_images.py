@@ -27,6 +27,7 @@ from PIL import Image
 from test_readers_imagefolder import make_imagefolder
 from test_training import tiny_params
 
+from iagn import runner
 from iagn.data.dataset import FineGrainedDataset
 from iagn.data.formats import load_manifest
 from iagn.data.images import (
@@ -398,3 +399,22 @@ def test_allow_outside_root_reaches_the_readers(tiny_synth, tmp_path):
     prepared = prepare_step_data(None, params)
     assert prepared.identity()["max_pixels"] == DEFAULT_MAX_PIXELS
     assert len(prepared.manifest) == 24
+
+
+def test_validate_reads_with_the_data_sections_limits(tiny_synth, tmp_path, monkeypatch):
+    """`iagn validate` applies data.max_pixels and data.allow_outside_root as training will."""
+    monkeypatch.setenv("IAGN_TRACKING", "off")
+    root = tmp_path / "cub"
+    shutil.copytree(tiny_synth, root)
+    link = image_path(root, 5)
+    link.unlink()
+    link.symlink_to(outside_image(tmp_path))
+    params = tiny_params(root)
+    with pytest.raises(DataError, match="points outside the dataset root"):
+        runner.validate(root, params, tmp_path / "refused")
+    params["data"]["allow_outside_root"] = True
+    assert runner.validate(root, params, tmp_path / "allowed").document["dataset"]["images"] == 24
+
+    params["data"]["max_pixels"] = 64 * 64 - 1  # every 64 x 64 image is now one pixel too large
+    report = runner.validate(root, params, tmp_path / "lowered")
+    assert "images_decode" in report.blocking_failures

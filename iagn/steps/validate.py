@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from iagn.data.formats import READERS, resolve
+from iagn.data.images import DEFAULT_MAX_PIXELS
 from iagn.errors import DataError
 from iagn.io import write_text_atomic
 from iagn.validation.probe import probe_files
@@ -78,15 +79,20 @@ def run(
     format: str | None = None,
     *,
     progress: ProgressFn | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside_root: bool = False,
 ) -> ValidationReport:
-    """Validate the dataset at `data`; write the three outputs to `out`; return the verdict."""
+    """Validate the dataset at `data`; write the three outputs to `out`; return the verdict.
+
+    `max_pixels` and `allow_outside_root` are params.yaml's data.max_pixels and
+    data.allow_outside_root: the rules training will read the data with."""
     config = parse_config(params_section)
     out = Path(out)
     report_path = out / REPORT_FILE
     # A stale "success" must not outlive a new attempt that stops early (unreadable listing).
     report_path.unlink(missing_ok=True)
     name, root = resolve(data, format)
-    raw = READERS[name].read(root)
+    raw = READERS[name].read(root, allow_outside_root=allow_outside_root)
     if not raw.records:
         raise DataError(
             "the dataset lists no images", path=root, hint="point --data at a dataset with images"
@@ -96,7 +102,9 @@ def run(
     total = len(paths)
     advance = (lambda n: progress(n, total)) if progress else None
     full = _decode_mask(total, config.decode_sample)
-    probes = probe_files(paths, full, workers=config.workers, progress=advance)
+    probes = probe_files(
+        paths, full, workers=config.workers, progress=advance, max_pixels=max_pixels
+    )
 
     images = images_table(raw, probes)
     tables = {"images": images, "classes": classes_table(images, raw.class_names)}
