@@ -38,11 +38,13 @@ data: setup  ## fetch the default dataset with DVC, or regenerate it (determinis
 
 # The whole KFP DAG on this machine (kfp.local): fetch (dvc pull), validate, train stages
 # 1-3, distill, evaluate, gate, register `champion` in the embedded MLflow store ./mlflow.db
-# (or $MLFLOW_TRACKING_URI); run-local prints where to look at the end.
+# (or $MLFLOW_TRACKING_URI). run-local prints a line per task start and end, writes
+# kfp.local's full output to a log file, and prints where to look at the end;
+# `make demo VERBOSE=1` shows the full output live.
 demo: data  ## the main job end to end: the KFP pipeline run locally, a registered champion
-	$(BIN)/iagn data manifest --root data/synth --out build/manifest.csv
+	@$(BIN)/iagn data manifest --root data/synth --out build/manifest.csv
 	@echo "dataset: data/synth (tracked by data.dvc, pushed to the local DVC remote .dvcstore/)"
-	$(BIN)/iagn-pipeline run-local
+	@$(BIN)/iagn-pipeline run-local $(if $(VERBOSE),--verbose)
 
 test: setup  ## install what the tests need (Chromium, git), then run the test suite
 	@bash scripts/test_deps.sh

@@ -2,7 +2,7 @@
 
     iagn-pipeline compile -o iagn_pipeline.yaml [--gpu --accelerator nvidia.com/gpu ...]
     iagn-pipeline submit --host URL [--experiment NAME] [--param key=value ...] [--token ...]
-    iagn-pipeline run-local [--param key=value ...]
+    iagn-pipeline run-local [--param key=value ...] [--verbose]
 
 `--param` sets a pipeline parameter (data_rev=v1.2, experiment=cub) or, with a dotted key,
 a params.yaml override (stage3.epochs=20). User errors print one line and exit 2; a
@@ -194,10 +194,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_run_local(args: argparse.Namespace) -> int:
+    from pipeline.local import RunLog, log_path, pipeline_key, shown_path
     from pipeline.warm import Zygote
 
-    # First: its imports (seconds) then run while this process imports kfp and compiles.
-    zygote = None if args.cold else Zygote.start()
+    # The key first: the preloaded interpreter must start with the environment of the tasks.
+    log = RunLog(log_path(args.pipeline_root, pipeline_key()), sys.stdout, args.verbose)
+    # Then the interpreter: its imports (seconds) run while this process imports kfp and
+    # compiles. Its own errors go to the log.
+    zygote = None if args.cold else Zygote.start(stderr=log.file)
     try:
         from pipeline.arguments import check_overrides, parse_params, shown
         from pipeline.dag import CompileOptions
@@ -209,10 +213,13 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         if overrides:
             arguments["params_overrides"] = overrides
         print(f"iagn-pipeline: running the DAG with kfp.local ({shown(arguments) or 'defaults'})")
-        run = run_local(arguments, args.pipeline_root, options, zygote)
+        shown_log = "" if args.verbose else "; --verbose shows it here as well"
+        print(f"iagn-pipeline: kfp.local's full log: {shown_path(log.path)}{shown_log}")
+        run = run_local(arguments, args.pipeline_root, options, zygote, log)
     finally:
         if zygote is not None:
             zygote.stop()
+        log.close()
     print(report(run, arguments))
     return 0 if run.succeeded else 1
 
@@ -283,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start every task as a fresh interpreter (default: fork it from one that has "
         "imported torch, MLflow and iagn already)",
+    )
+    local_parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show kfp.local's full output live (executor inputs, every task's log) instead "
+        "of a line per task start and end; it goes to the log file either way",
     )
     local_parser.set_defaults(handler=cmd_run_local)
     return parser

@@ -8,25 +8,46 @@ tolerations, secrets and the pods' KFP_RUN_ID. In their place this process expor
 IAGN_PIPELINE_RUN, the key that groups all steps under one MLflow parent run, and the
 steps inherit this process's environment (MLFLOW_TRACKING_URI and credentials, if set).
 Outputs land under `<pipeline_root>/iagn-<timestamp>/<task>/<output>`.
+
+kfp.local prints everything to stdout: its own log lines, each task's executor input as
+JSON and the task's output. run-local sends all of it to a log file instead and shows a
+line as each task starts and ends, training progress and a failing task's last lines.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import secrets
+import sys
+import threading
 import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-from pipeline.dag import PIPELINE_NAME, CompileOptions, build_pipeline
 from pipeline.warm import Zygote, as_python
+
+if TYPE_CHECKING:  # pipeline.dag imports kfp: run-local imports it after starting the zygote
+    from pipeline.dag import CompileOptions
 
 ENV_PIPELINE_RUN = "IAGN_PIPELINE_RUN"
 DEFAULT_ROOT = "build/kfp"
+# kfp.local's log lines (colours stripped) that start and end a task.
+TASK_STARTED = re.compile(r"Executing task '(?P<task>[^']+)'")
+TASK_FINISHED = re.compile(r"Task '(?P<task>[^']+)' finished with status (?P<status>[A-Z]+)")
+# A task's output that is kfp's, not the task's: kfp.local's and the executor's INFO lines.
+KFP_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - |\[KFP Executor [^\]]* INFO\]: )")
+EXECUTOR_INPUT = "Got executor_input:"  # the executor's line before the JSON
+PROGRESS = re.compile(r"\bepoch \d+/\d+\b")  # the training loop's line per epoch
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TAIL_LINES = 30
 
 
 @dataclass
@@ -37,14 +58,193 @@ class LocalRun:
     error: str = ""
     seconds: float = 0.0
     outputs: dict[str, Any] = field(default_factory=dict)
+    log: Path | None = None
 
 
-def _run_key() -> str:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"kfp-local-{stamp}-{secrets.token_hex(3)}"
+def pipeline_key() -> str:
+    """This run's IAGN_PIPELINE_RUN: the environment's, else a new one, exported for the tasks.
+
+    Set before the preloaded interpreter starts, so that its environment is the tasks'.
+    """
+    key = os.environ.get(ENV_PIPELINE_RUN, "").strip()
+    if not key:
+        key = f"kfp-local-{datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+    os.environ[ENV_PIPELINE_RUN] = key
+    return key
+
+
+def log_path(pipeline_root: str | os.PathLike, key: str) -> Path:
+    """`<pipeline_root>/logs/<pipeline key>.log`: beside the outputs, named like MLflow's key."""
+    return Path(pipeline_root).resolve() / "logs" / (re.sub(r"[^\w.-]", "_", key) + ".log")
+
+
+def task_names(pipeline_spec) -> dict[str, str]:
+    """Every task that runs a component (nested DAGs included) -> its display name."""
+    components = dict(pipeline_spec.components)
+    names: dict[str, str] = {}
+
+    def walk(dag) -> None:
+        for name, task in dag.tasks.items():
+            component = components[task.component_ref.name]
+            if component.WhichOneof("implementation") == "dag":
+                walk(component.dag)
+            else:
+                names[name] = task.task_info.name
+
+    walk(pipeline_spec.root.dag)
+    return names
+
+
+class RunLog(io.TextIOBase):
+    """kfp.local's stdout and stderr during a run: all of it into the log file, and to the
+    console a line as each task starts and ends (status, seconds), the training loop's
+    epoch lines and a failing task's last lines. With `verbose` the console gets everything,
+    as kfp.local prints it. On a terminal a tqdm bar counts the tasks and shows how long the
+    running one has taken.
+    """
+
+    def __init__(self, path: Path, console: TextIO, verbose: bool = False) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.file = path.open("a", encoding="utf-8", buffering=1)  # whole lines, for tail -f
+        self.console = console
+        self.verbose = verbose
+        self.names: dict[str, str] = {}
+        self._pending = ""
+        self._running: dict[str, float] = {}
+        self._task: str | None = None  # whose output the lines are
+        self._tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._input_end: str | None = None  # inside the executor input: its last line
+        self._bar = None
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- the stream kfp.local writes to ---
+
+    @property
+    def encoding(self) -> str:
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.verbose:
+            self.console.write(text)
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            line = ANSI.sub("", line)  # whole lines: a colour code may come in two pieces
+            self.file.write(line + "\n")
+            self._line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.console.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.file.write(ANSI.sub("", self._pending))
+            super().close()  # flushes
+            self.file.close()
+
+    # --- the console ---
+
+    def watch(self, names: dict[str, str]) -> None:
+        """The tasks to expect; on a terminal, start the bar."""
+        self.names = names
+        if self.verbose or not self.console.isatty():
+            return
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=len(names),
+            file=self.console,
+            unit="task",
+            leave=False,
+            dynamic_ncols=True,
+            bar_format="{n}/{total} tasks |{bar}| {elapsed}{postfix}",
+        )
+        self._stop.clear()
+        self._ticker = threading.Thread(target=self._tick, args=(self._bar,), daemon=True)
+        self._ticker.start()
+
+    def unwatch(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _tick(self, bar) -> None:
+        # tqdm redraws only when told: once a second, so that the running task's clock moves.
+        while not self._stop.wait(1):
+            self._show_running(bar)
+
+    def _show_running(self, bar) -> None:
+        now = time.monotonic()
+        running = list(self._running.items())
+        bar.set_postfix_str(", ".join(f"{task} {now - t:.0f} s" for task, t in running))
+
+    def say(self, text: str) -> None:
+        if self.verbose:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=self.console)
+        else:
+            print(text, file=self.console, flush=True)
+
+    # --- what the lines mean ---
+
+    def _line(self, line: str) -> None:
+        if found := TASK_STARTED.search(line):
+            self._started(found["task"])
+        elif found := TASK_FINISHED.search(line):
+            self._finished(found["task"], found["status"])
+        elif self._task is not None:
+            # kfp.local indents a task's output by 4; a tqdm bar's updates end in \r.
+            self._output(line.removeprefix("    ").rsplit("\r", 1)[-1].rstrip())
+
+    def _started(self, task: str) -> None:
+        self._task = task
+        self._running[task] = time.monotonic()
+        self._tail.clear()
+        self._input_end = None
+        self.say(f"  {'started':<8} {task:<22} {self.names.get(task, '')}")
+
+    def _finished(self, task: str, status: str) -> None:
+        seconds = time.monotonic() - self._running.pop(task, time.monotonic())
+        self.say(f"  {status:<8} {task:<22} {seconds:.1f} s")
+        if status != "SUCCESS" and self._tail:
+            self.say(f"  {'':<8} the last lines of {task}'s output (all of it in the log):")
+            for line in self._tail:
+                self.say(f"  {'':<8} | {line}")
+        self._task = None
+        if self._bar is not None:
+            self._show_running(self._bar)
+            self._bar.update(1)
+
+    def _output(self, line: str) -> None:
+        if self._input_end is not None:  # the executor input's JSON: noise in a tail
+            if self._input_end == "":
+                self._input_end = line.replace("{", "}", 1) if line.strip() == "{" else None
+            elif line == self._input_end:
+                self._input_end = None
+            return
+        if line.endswith(EXECUTOR_INPUT):
+            self._input_end = ""
+        elif line.strip() and not KFP_LINE.match(line):
+            self._tail.append(line)
+            if PROGRESS.search(line):
+                self.say(f"  {'':<8} {self._task:<22} {line.strip()}")
 
 
 def _newest_run_dir(root: Path, started: float) -> Path | None:
+    from pipeline.dag import PIPELINE_NAME
+
     runs = [
         p
         for p in root.glob(f"{PIPELINE_NAME}-*")
@@ -58,20 +258,26 @@ def run_local(
     pipeline_root: str | os.PathLike = DEFAULT_ROOT,
     options: CompileOptions | None = None,
     zygote: Zygote | None = None,
+    log: RunLog | None = None,
 ) -> LocalRun:
-    """Run the pipeline locally; the steps' logs stream to stdout as they run.
+    """Run the pipeline locally; kfp.local's output goes to `log` (default: a RunLog under
+    `pipeline_root`/logs, task lines on stdout).
 
-    `zygote`: tasks start as forks of this process that has imported torch, MLflow and
-    iagn already (pipeline/warm.py); None: each task is a fresh interpreter.
+    `zygote`: tasks start as forks of this process that has imported torch, MLflow and iagn
+    already (pipeline/warm.py); None: each task is a fresh interpreter.
     """
     from kfp import local
 
+    from pipeline.dag import CompileOptions, build_pipeline
+
     # A working copy does not fail transiently: a retry would only repeat the error later.
     options = options or CompileOptions(retries=False)
-    key = os.environ.get(ENV_PIPELINE_RUN, "").strip() or _run_key()
-    os.environ[ENV_PIPELINE_RUN] = key
+    key = pipeline_key()
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    own_log = log is None
+    if log is None:
+        log = RunLog(log_path(root, key), sys.stdout)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root),
@@ -82,22 +288,41 @@ def run_local(
     error = ""
     python = zygote.client() if zygote is not None else None
     if zygote is not None and python is None:
-        print("iagn-pipeline: note: the preloaded interpreter failed; tasks import everything")
-    with as_python(python), warnings.catch_warnings():
-        # Expected locally, and said once in this module's doc: the image is not used and
-        # cluster settings (display names, accelerators) have no local effect.
-        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-        warnings.filterwarnings("ignore", message=r"Task .* have no effect in the current local")
-        try:
-            pipeline(**arguments)
-        except RuntimeError as exc:  # kfp.local: "Pipeline iagn finished with status FAILURE"
-            error = str(exc)
+        print(
+            f"iagn-pipeline: note: the preloaded interpreter failed (see {log.path}); "
+            "every task imports torch, MLflow and iagn itself"
+        )
+    log.watch(task_names(pipeline.pipeline_spec))
+    try:
+        with (
+            as_python(python),
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
+            # Expected locally, and said once in this module's doc: the image is not used and
+            # cluster settings (display names, accelerators) have no local effect.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+            warnings.filterwarnings(
+                "ignore", message=r"Task .* have no effect in the current local"
+            )
+            try:
+                pipeline(**arguments)
+            except RuntimeError as exc:  # kfp.local: "Pipeline iagn finished with status FAILURE"
+                error = ANSI.sub("", str(exc))
+    finally:
+        log.unwatch()
+        if own_log:
+            log.close()
+        else:
+            log.flush()
     run = LocalRun(
         key=key,
         run_dir=_newest_run_dir(root, started),
         succeeded=not error,
         error=error,
         seconds=time.time() - started,
+        log=log.path,
     )
     if run.run_dir is not None:
         run.outputs = collect_outputs(run.run_dir)
@@ -131,6 +356,13 @@ def collect_outputs(run_dir: Path) -> dict[str, Any]:
         except (OSError, KeyError, TypeError, json.JSONDecodeError):
             continue
     return found
+
+
+def shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it is inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.relative_to(Path.cwd()))
+    return str(path)
 
 
 def mlflow_ui(uri: str) -> str:
@@ -184,7 +416,9 @@ def report(run: LocalRun, arguments: dict[str, Any]) -> str:
             f"  MLflow           runs tagged iagn.pipeline_key = 'pipeline:{run.key}' "
             "(MLFLOW_TRACKING_URI, else ./mlflow.db)"
         )
+    if run.log is not None:
+        lines.append(f"  log              {shown_path(run.log)}")
     if not run.succeeded:
         lines.append(f"  error            {run.error}")
-        lines.append("  -> the failing task's log is above; fix and run again")
+        lines.append("  -> the failing task's last lines are above, all of them in the log")
     return "\n".join(lines)

@@ -2,14 +2,17 @@
 
 One end-to-end run (kfp.local SubprocessRunner, every component in its own process) on a
 tiny DVC-tracked project: it must leave a registered `champion`, one MLflow parent run with a
-nested run per step, and the KFP outputs. Around it, the parts a cluster would exercise:
-the exit handler marking a parent FAILED, fetching a git revision with `dvc get`, params
-overrides.
+nested run per step, and the KFP outputs, and print a line per task start and end while
+kfp.local's full output goes to a log file. A run whose first task fails shows that task's
+last lines. Around them, the parts a cluster would exercise: the exit handler marking a
+parent FAILED, fetching a git revision with `dvc get`, params overrides.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,11 +27,28 @@ from iagn.params import apply_overrides, load_params
 from iagn.provenance import dvc_data_version
 from iagn.steps import fetch_data as datafetch
 from iagn.tracking import mark_pipeline_failed
+from pipeline.local import RunLog
 
 __all__ = ["mlflow_server"]  # the session's MLflow server fixture, used below
 
 EXPERIMENT = "iagn-kfp-local"
 MODEL = "iagn-kfp-test"
+TASKS = {
+    "resolve-data-revision",
+    "fetch-data",
+    "validate",
+    "train-stage",
+    "train-stage-2",
+    "train-stage-3",
+    "distill",
+    "evaluate",
+    "evaluate-2",
+    "register",
+    "record-outcome",
+}
+STARTED = re.compile(r"^  started  (\S+) ", re.MULTILINE)
+ENDED = re.compile(r"^  (SUCCESS|FAILURE) +(\S+) +(\d+\.\d) s$", re.MULTILINE)
+LOG_FILE = re.compile(r"^iagn-pipeline: kfp.local's full log: (\S+\.log)", re.MULTILINE)
 OPEN_GATE = (
     "register.gate.min_top1=0",
     "register.gate.min_pointing_game=0",
@@ -128,6 +148,97 @@ def test_run_local_leaves_the_kfp_outputs(local_run, project):
     assert "the student passes" in (reports["student"] / "summary").read_text()
     decision = json.loads((outputs / "register" / "result" / "register.json").read_text())
     assert decision["passed"] and decision["outcomes"][0]["champion"]
+
+
+def test_run_local_prints_a_line_per_task_and_logs_the_rest(local_run, project):
+    out = local_run.stdout
+    assert sorted(STARTED.findall(out)) == sorted(TASKS), "one start line per task"
+    ended = ENDED.findall(out)
+    assert sorted(task for _, task, _ in ended) == sorted(TASKS), "one end line per task"
+    assert {status for status, _, _ in ended} == {"SUCCESS"}
+    for noise in ("executor_input", "parameterValues", "outputFile", "KFP Executor"):
+        assert noise not in out, f"kfp.local's {noise} reached the console"
+    assert len(out.splitlines()) < 45, out
+
+    shown = LOG_FILE.search(out)[1]
+    assert f"  log              {shown}" in out  # in the summary too
+    logged = (project / shown).read_text()
+    assert logged.count("Got executor_input:") == len(TASKS)
+    for task in TASKS:
+        assert f"Executing task '{task}'" in logged
+        assert f"Task '{task}' finished with status SUCCESS" in logged
+    assert "stage 1: val accuracy" in logged  # the tasks' own output
+    # Every task ran in the preloaded interpreter: none differed from it (pipeline/warm.py).
+    assert "fresh interpreter" not in logged
+
+
+def test_run_local_shows_the_failing_tasks_last_lines(project, mlflow_server, tmp_path):
+    experiment = "iagn-kfp-local-failure"
+    result = run(
+        [
+            BIN / "iagn-pipeline",
+            "run-local",
+            "--param=data_rev=no-such-branch",
+            f"--param=experiment={experiment}",
+            f"--pipeline-root={tmp_path / 'kfp'}",
+        ],
+        cwd=project,
+        env=mlflow_server.env(experiment),
+        check=False,
+        timeout=600,
+    )
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    error = "iagn: error: revision 'no-such-branch' is not in the git repository"
+    assert re.search(r"^  FAILURE +resolve-data-revision +\d+\.\d s$", out, re.MULTILINE), out
+    assert re.search(rf"^ +\| {re.escape(error)}", out, re.MULTILINE), out
+    assert STARTED.findall(out) == ["resolve-data-revision", "record-outcome"]
+    assert "kfp.local run FAILED" in out and "the failing task's last lines are above" in out
+    assert "executor_input" not in out
+    assert error in Path(LOG_FILE.search(out)[1]).read_text()
+
+
+def test_the_console_shows_epochs_and_a_tail_without_the_executor_input(tmp_path):
+    """kfp.local's lines as it writes them (colours, a task's output indented by 4), in
+    pieces that split lines: epoch lines show as they come; a failure shows the task's last
+    lines, without the JSON of its executor input."""
+    transcript = (
+        "00:11:00.719 - INFO - Executing task \x1b[96m'train-stage-2'\x1b[0m\n"
+        "00:11:00.720 - INFO - Streamed logs:\n\n"
+        "    [KFP Executor 2026-12-02 00:11:00,766 INFO]: Got executor_input:\n"
+        "    {\n"
+        '        "inputs": {\n'
+        '            "parameterValues": {"stage": 2}\n'
+        "        }\n"
+        "    }\n"
+        "    train-stage-2 epoch 1/2: loss 2.1, val_acc 0.25\n"
+        "    train-stage-2 epoch 2/2: loss 1.9, val_acc 0.5\n"
+        "    RuntimeError: out of memory\n"
+        "    \n\n"
+        "00:11:10.172 - ERROR - Task \x1b[96m'train-stage-2'\x1b[0m finished with status "
+        "\x1b[91mFAILURE\x1b[0m\n"
+    )
+    console = io.StringIO()
+    log = RunLog(tmp_path / "run.log", console)
+    log.watch({"train-stage-2": "train stage 2"})
+    for start in range(0, len(transcript), 7):
+        log.write(transcript[start : start + 7])
+    log.unwatch()
+    log.close()
+    lines = [" ".join(line.split()) for line in console.getvalue().splitlines()]
+    assert lines[:3] == [
+        "started train-stage-2 train stage 2",
+        "train-stage-2 train-stage-2 epoch 1/2: loss 2.1, val_acc 0.25",
+        "train-stage-2 train-stage-2 epoch 2/2: loss 1.9, val_acc 0.5",
+    ]
+    assert re.fullmatch(r"FAILURE train-stage-2 \d+\.\d s", lines[3])
+    assert [line.split("| ", 1)[1] for line in lines[5:]] == [
+        "train-stage-2 epoch 1/2: loss 2.1, val_acc 0.25",
+        "train-stage-2 epoch 2/2: loss 1.9, val_acc 0.5",
+        "RuntimeError: out of memory",
+    ]
+    assert "parameterValues" not in console.getvalue()
+    assert (tmp_path / "run.log").read_text() == re.sub(r"\x1b\[[0-9;]*m", "", transcript)
 
 
 def test_exit_handler_marks_the_parent_failed(mlflow_server, monkeypatch):
