@@ -37,7 +37,7 @@ def distill(
             data=dataset.path,
             params=step_params(params.path, None),
             out=student.path,
-            quiet=True,
+            quiet=False,  # an epoch line per epoch in the task's log: progress in the KFP UI
         )
     log_metrics(metrics, result["metrics"])
     student.metadata.update({"framework": "pytorch", "kind": "student"})

@@ -40,7 +40,7 @@ def train_stage(
             params=step_params(params.path, None),
             out=model.path,
             init=init.path if init is not None else None,
-            quiet=True,
+            quiet=False,  # an epoch line per epoch in the task's log: progress in the KFP UI
         )
     log_metrics(metrics, result["metrics"])
     model.metadata.update({"framework": "pytorch", "kind": "teacher", "stage": stage})

@@ -23,6 +23,8 @@ import yaml
 # The KFP run id in a task's environment (from its pod's `pipeline/runid` label). Defined
 # here only: pipeline/dag.py sets it in every task, components and iagn.tracking read it.
 ENV_KFP_RUN = "KFP_RUN_ID"
+# Any name for one pipeline execution outside KFP (run-local, CI): its steps share a parent run.
+ENV_PIPELINE_RUN = "IAGN_PIPELINE_RUN"
 ENV_GIT_COMMIT = "IAGN_GIT_COMMIT"
 ENV_DATA_VERSION = "IAGN_DATA_VERSION"
 TAG_KFP_RUN = "iagn.kfp_run_id"

@@ -32,12 +32,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from iagn.provenance import ENV_PIPELINE_RUN
 from pipeline.warm import Zygote, as_python
 
 if TYPE_CHECKING:  # pipeline.dag imports kfp: run-local imports it after starting the zygote
     from pipeline.dag import CompileOptions
 
-ENV_PIPELINE_RUN = "IAGN_PIPELINE_RUN"
 DEFAULT_ROOT = "build/kfp"
 # kfp.local's log lines (colours stripped) that start and end a task.
 TASK_STARTED = re.compile(r"Executing task '(?P<task>[^']+)'")

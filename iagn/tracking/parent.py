@@ -26,12 +26,11 @@ import sys
 from dataclasses import dataclass
 
 from iagn.errors import IagnError
-from iagn.provenance import ENV_KFP_RUN, dvc_ancestor, provenance_tags
+from iagn.provenance import ENV_KFP_RUN, ENV_PIPELINE_RUN, dvc_ancestor, provenance_tags
 from iagn.redact import scrub_text
 from iagn.tracking.store import configure, experiment_id, mlflow_errors, tracking_enabled
 
 ENV_PARENT_RUN = "IAGN_PARENT_RUN_ID"
-ENV_PIPELINE_RUN = "IAGN_PIPELINE_RUN"
 
 TAG_ROLE = "iagn.role"
 TAG_PIPELINE_KEY = "iagn.pipeline_key"
