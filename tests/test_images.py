@@ -386,13 +386,18 @@ def test_bad_settings_are_named(key: str, value):
         data_config({"data": {key: value}})
 
 
-def test_allow_outside_root_reaches_the_readers(tiny_synth, tmp_path):
+def linked_outside(tiny_synth: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of the dataset whose image 5 links outside it, and the smoke params for it."""
     root = tmp_path / "cub"
     shutil.copytree(tiny_synth, root)
     link = image_path(root, 5)
     link.unlink()
     link.symlink_to(outside_image(tmp_path))
-    params = tiny_params(root)
+    return root, tiny_params(root)
+
+
+def test_allow_outside_root_reaches_the_readers(tiny_synth, tmp_path):
+    _, params = linked_outside(tiny_synth, tmp_path)
     with pytest.raises(DataError, match="points outside the dataset root"):
         prepare_step_data(None, params)
     params["data"]["allow_outside_root"] = True
@@ -404,12 +409,7 @@ def test_allow_outside_root_reaches_the_readers(tiny_synth, tmp_path):
 def test_validate_reads_with_the_data_sections_limits(tiny_synth, tmp_path, monkeypatch):
     """`iagn validate` applies data.max_pixels and data.allow_outside_root as training will."""
     monkeypatch.setenv("IAGN_TRACKING", "off")
-    root = tmp_path / "cub"
-    shutil.copytree(tiny_synth, root)
-    link = image_path(root, 5)
-    link.unlink()
-    link.symlink_to(outside_image(tmp_path))
-    params = tiny_params(root)
+    root, params = linked_outside(tiny_synth, tmp_path)
     with pytest.raises(DataError, match="points outside the dataset root"):
         runner.validate(root, params, tmp_path / "refused")
     params["data"]["allow_outside_root"] = True
