@@ -3,6 +3,10 @@
 Each subcommand lives in `iagn/commands/<name>.py`, parses its arguments and calls a
 library function; no step logic lives in the CLI. User errors (`IagnError`) are printed
 as one readable message, without a traceback.
+
+Exit codes: 0 success, 1 a crash (a bug: traceback), 2 a user error (`IagnError`), 130
+Ctrl-C, 143 (`EXIT_PREEMPTED`) training stopped by SIGTERM after saving its progress:
+rerunning the same command resumes it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Sequence
 
 from iagn import __version__
 from iagn.commands import checkpoint, data, fetch, models, registry, remote, train, validate
-from iagn.errors import IagnError
+from iagn.errors import IagnError, Preempted
 
 # Order is the order of `iagn --help`: the pipeline's steps from data to registry.
 COMMAND_MODULES = (data, remote, fetch, validate, train, models, registry, checkpoint)
@@ -36,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
+    except Preempted as stopped:  # the training loop has said where it stopped
+        return int(stopped.code)
     except IagnError as error:
         print(f"iagn: error: {error}", file=sys.stderr)
         return 2

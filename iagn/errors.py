@@ -31,3 +31,25 @@ class DataError(IagnError):
         if hint:
             text += f"\n  -> {hint}"
         super().__init__(text)
+
+
+# 128 + SIGTERM: what a shell reports for a process killed by SIGTERM, so retry policies
+# that treat "terminated" as retryable see the same code; distinct from a crash (1), a user
+# error (2) and Ctrl-C (130).
+EXIT_PREEMPTED = 143
+
+
+class Preempted(SystemExit):
+    """Training stopped on SIGTERM after saving where it was; the same command resumes.
+
+    A SystemExit, not an IagnError: handlers that turn errors into exit code 1 or 2
+    (`except Exception`, `except IagnError`) let it through, so the process exits with
+    EXIT_PREEMPTED wherever the step was called from (CLI, KFP component, DVC stage).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(EXIT_PREEMPTED)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,3 +53,23 @@ def all_reduce_mean(value: float, runtime: Runtime) -> float:
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.barrier()
+
+
+def any_rank(flags: list[bool], runtime: Runtime) -> list[bool]:
+    """Each flag OR-ed over all ranks: one small all_reduce, so every rank takes the same
+    branch (a rank that raised or stopped alone would leave the others waiting forever at
+    their next collective)."""
+    if not runtime.distributed:
+        return flags
+    tensor = torch.tensor([float(f) for f in flags], device=runtime.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [value > 0 for value in tensor.tolist()]
+
+
+def gather_to_main(value: Any, runtime: Runtime) -> list[Any] | None:
+    """Every rank's `value` (picklable), in rank order, on rank 0; None on the others."""
+    if not runtime.distributed:
+        return [value]
+    gathered = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered

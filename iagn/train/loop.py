@@ -4,8 +4,9 @@ It owns what every training run needs: seeded epochs (so a resumed run repeats e
 batches of an uninterrupted one), mixed precision (with loss scaling for fp16),
 channels_last, gradient clipping, the warm-up + cosine schedule, per-epoch validation,
 atomic checkpoints after every epoch, resume from the last checkpoint, a clear stop on a
-NaN loss, progress bars, and callbacks for experiment tracking. What a step computes is
-passed in as `step_fn`.
+NaN loss (on every rank at once), a save-and-stop at the next batch on SIGTERM, progress
+bars, and callbacks for experiment tracking. What a step computes is passed in as
+`step_fn`.
 
 Files: every epoch goes to `<out>.partial`; the finished model goes to `out` only when the
 step calls `finish_run` after the last epoch (with what it adds, such as the calibration).
@@ -14,12 +15,23 @@ one, never a half-trained one, whatever kills the run: DVC keeps it in place
 (`persist: true`) and downstream steps never see a partial model. A rerun with the same
 identity (kind, stage, configs, data, init/teacher checkpoint) continues from the
 partial file; anything else starts fresh.
+
+SIGTERM (Kubernetes' notice before it kills a pod) is not fatal inside the loop: the batch
+in progress finishes, every rank agrees to stop after it, `<out>.partial` gets the epoch so
+far (the batch reached, each rank's RNG states, step generator and running loss sums) and
+`Preempted` exits with EXIT_PREEMPTED (143). The rerun skips the batches already done, never
+loading them, and ends bit-identical to an uninterrupted run on CPU (tests/test_preemption.py;
+with num_workers > 0 the remaining images get other random augmentations).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -30,13 +42,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from iagn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from iagn.errors import IagnError
+from iagn.errors import IagnError, Preempted
 from iagn.evaluation.heads import accuracy_on
 from iagn.io import write_json_atomic
 from iagn.precision import autocast, grad_scaler
-from iagn.train.distributed import Runtime, all_reduce_mean, barrier
+from iagn.train.distributed import (
+    Runtime,
+    all_reduce_mean,
+    any_rank,
+    barrier,
+    gather_to_main,
+)
 from iagn.train.schedule import warmup_cosine
 
 StepFn = Callable[[torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
@@ -143,6 +162,11 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
     Writes `<out>.partial` after every epoch, the last one included, and returns
     {"history", "steps", "state"}: `state` is the last epoch's checkpoint, which the step
     hands to `finish_run` with what it adds after training (the calibration).
+
+    SIGTERM (what Kubernetes sends before killing a pod) stops the run at the next batch
+    boundary, on every rank at the same batch: `<out>.partial` then holds the epoch in
+    progress up to that batch, and `Preempted` (exit code EXIT_PREEMPTED) is raised; the same
+    command resumes at the next batch.
     """
     device = runtime.device
     model = spec.model.to(device)
@@ -161,6 +185,8 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
     start_epoch, step, history = 0, 0, []
     partial = partial_path(out)
     resumed = _resume_state(partial, spec)
+    mid_epoch = None  # the per-rank state of an epoch stopped part-way (SIGTERM)
+    saved: tuple[int, int] | None = None  # (epochs, batches) that `partial` holds
     if resumed is not None:
         model.load_state_dict(resumed["model_state"])
         optimizer.load_state_dict(resumed["optimizer_state"])
@@ -169,8 +195,15 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             scaler.load_state_dict(resumed["scaler_state"])
         start_epoch, step, history = resumed["epoch"], resumed["step"], resumed["history"]
         set_rng_state(resumed["rng"])
+        mid_epoch = resumed.get("mid_epoch")
+        saved = (start_epoch, mid_epoch["batch"] if mid_epoch else 0)
         if runtime.is_main and not quiet:
-            print(f"resuming {partial} after epoch {start_epoch} of {spec.epochs}")
+            where = f"after epoch {start_epoch} of {spec.epochs}"
+            if mid_epoch:
+                where = (
+                    f"in epoch {start_epoch + 1} of {spec.epochs}, after batch {mid_epoch['batch']}"
+                )
+            print(f"resuming {partial} {where}")
 
     wrapped = model
     if runtime.distributed:
@@ -193,77 +226,215 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             "complete": False,
         }
 
-    for epoch in range(start_epoch, spec.epochs):
-        # Reseed per epoch: the epoch depends only on (seed, epoch) and the weights.
-        seed_everything(spec.seed * 1_000 + epoch + runtime.rank * 7)
-        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch * 31 + runtime.rank)
-        loader = spec.make_loader(epoch)
-        wrapped.train()
-        started, seen, sums = time.perf_counter(), 0, {}
-        bar = _progress(
-            len(loader),
-            f"{spec.description} epoch {epoch + 1}/{spec.epochs}",
-            quiet or not runtime.is_main,
-        )
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if spec.channels_last:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            with autocast(spec.precision, device):
-                loss, logs = spec.step_fn(wrapped, batch, generator)
-            if not math.isfinite(float(loss.detach())):
-                raise IagnError(
-                    f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; "
-                    f"stopped. {out} is left as it was; the last good epoch ({epoch}) is in "
-                    f"{partial}. Lower the learning rates (lr_head, lr_backbone) or use "
-                    "precision fp32."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if spec.grad_clip > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
-            scaler.update()
-            with warnings.catch_warnings():
-                # The schedule follows the batch count even when fp16 skipped the optimizer
-                # step (so a resumed run lines up); PyTorch's order warning is noise then.
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
-                scheduler.step()
-            step += 1
-            count = batch["image"].shape[0]
-            seen += count
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + value * count
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.3f}")
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - started
-        record = {k: all_reduce_mean(v / max(1, seen), runtime) for k, v in sums.items()}
-        record["images_per_s"] = (
-            all_reduce_mean(seen / max(elapsed, 1e-9), runtime) * runtime.world_size
-        )
-        record["lr_head"] = optimizer.param_groups[-1]["lr"]
-        record["lr_backbone"] = optimizer.param_groups[0]["lr"]
-        record["epoch_seconds"] = elapsed
-        model.eval()
-        record.update(spec.validate_fn(model))
-        record["epoch"] = epoch + 1
-        history.append(record)
-        if runtime.is_main:
-            save_checkpoint(partial, state(epoch + 1))
-        barrier(runtime)
-        if runtime.is_main and not quiet:
-            shown = {k: record[k] for k in ("loss", "val_acc", "images_per_s") if k in record}
-            print(
-                f"{spec.description} epoch {epoch + 1}/{spec.epochs}: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+    with _StopOnSigterm() as stop:
+        for epoch in range(start_epoch, spec.epochs):
+            # Reseed per epoch: the epoch depends only on (seed, epoch) and the weights.
+            seed_everything(spec.seed * 1_000 + epoch + runtime.rank * 7)
+            generator = torch.Generator().manual_seed(
+                spec.seed * 1_000_003 + epoch * 31 + runtime.rank
             )
-        for callback in spec.callbacks:
-            callback(epoch + 1, record)
+            loader = spec.make_loader(epoch)
+            batches = len(loader)
+            done, seen, sums, earlier_seconds = 0, 0, {}, 0.0
+            if mid_epoch is not None:
+                mine = mid_epoch["ranks"][runtime.rank]
+                done, seen, sums = mid_epoch["batch"], mine["seen"], dict(mine["sums"])
+                earlier_seconds = mid_epoch["seconds"]
+                loader = _skip_batches(loader, done)
+            # Created before the RNG is restored: creating it draws from the RNG as it did
+            # at this point of the uninterrupted epoch.
+            batch_iter = iter(loader)
+            if mid_epoch is not None:
+                set_rng_state(mine["rng"])
+                generator.set_state(mine["generator"])
+                mid_epoch = None
+            wrapped.train()
+            started = time.perf_counter()
+            bar = _progress(
+                batches,
+                f"{spec.description} epoch {epoch + 1}/{spec.epochs}",
+                quiet or not runtime.is_main,
+            )
+            if bar is not None and done:
+                bar.update(done)
+            stopping = False
+            for batch in batch_iter:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                if spec.channels_last:
+                    batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+                with autocast(spec.precision, device):
+                    loss, logs = spec.step_fn(wrapped, batch, generator)
+                value = float(loss.detach())
+                # One collective per batch decides both, so all ranks raise or stop together.
+                diverged, stopping = any_rank([not math.isfinite(value), stop.requested], runtime)
+                if diverged:
+                    if bar is not None:
+                        bar.close()
+                    raise _diverged(value, epoch, step, out, partial, saved)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if spec.grad_clip > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+                scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
+                scaler.update()
+                with warnings.catch_warnings():
+                    # The schedule follows the batch count even when fp16 skipped the
+                    # optimizer step (so a resumed run lines up); PyTorch's order warning is
+                    # noise then.
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    scheduler.step()
+                step += 1
+                done += 1
+                count = batch["image"].shape[0]
+                seen += count
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + value * count
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                if stopping:
+                    break
+            if bar is not None:
+                bar.close()
+            elapsed = earlier_seconds + time.perf_counter() - started
+            # A SIGTERM during the epoch's last batch stops before validation, which can be
+            # long enough to outlast a grace period.
+            if stopping or any_rank([stop.requested], runtime)[0]:
+                mine = {
+                    "rng": rng_state(),
+                    "generator": generator.get_state(),
+                    "sums": sums,
+                    "seen": seen,
+                }
+                ranks = gather_to_main(mine, runtime)
+                if runtime.is_main:
+                    mid = {"batch": done, "seconds": elapsed, "ranks": ranks}
+                    save_checkpoint(partial, {**state(epoch), "mid_epoch": mid})
+                barrier(runtime)
+                raise _preempted(epoch + 1, done, partial, runtime)
+            record = {k: all_reduce_mean(v / max(1, seen), runtime) for k, v in sums.items()}
+            record["images_per_s"] = (
+                all_reduce_mean(seen / max(elapsed, 1e-9), runtime) * runtime.world_size
+            )
+            record["lr_head"] = optimizer.param_groups[-1]["lr"]
+            record["lr_backbone"] = optimizer.param_groups[0]["lr"]
+            record["epoch_seconds"] = elapsed
+            model.eval()
+            record.update(spec.validate_fn(model))
+            record["epoch"] = epoch + 1
+            history.append(record)
+            if runtime.is_main:
+                save_checkpoint(partial, state(epoch + 1))
+            saved = (epoch + 1, 0)
+            barrier(runtime)
+            if runtime.is_main and not quiet:
+                shown = {k: record[k] for k in ("loss", "val_acc", "images_per_s") if k in record}
+                print(
+                    f"{spec.description} epoch {epoch + 1}/{spec.epochs}: "
+                    + ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+                )
+            for callback in spec.callbacks:
+                callback(epoch + 1, record)
+            # A SIGTERM during validation: the finished epoch is saved, stop here.
+            if any_rank([stop.requested], runtime)[0]:
+                raise _preempted(epoch + 1, batches, partial, runtime)
     return {"history": history, "steps": step, "state": state(spec.epochs)}
+
+
+class _StopOnSigterm:
+    """While active, SIGTERM only sets `requested`; the loop stops at the next batch boundary.
+
+    Installed only from the main thread (Python delivers signals there, and signal.signal
+    refuses other threads); the previous handler comes back on exit, so SIGTERM outside the
+    loop (calibration, tracking) ends the process as before.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> _StopOnSigterm:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            # None: the previous handler was not set from Python; the default is closest.
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+
+def _skip_batches(loader, done: int):
+    """`loader` without its first `done` batches, which are never loaded.
+
+    The remaining batches are the same as in a full pass (same order, same images): the
+    batch sampler draws from the loader's generator (or DistributedSampler's own seed),
+    never from the global RNG, and a new DataLoader on it draws those in the same order.
+    """
+    if done == 0:
+        return loader
+    if not isinstance(loader, DataLoader):
+        return itertools.islice(loader, done, None)
+    return DataLoader(
+        loader.dataset,
+        batch_sampler=_SkipBatches(loader.batch_sampler, done),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator,
+        prefetch_factor=loader.prefetch_factor,
+        persistent_workers=loader.persistent_workers,
+    )
+
+
+class _SkipBatches:
+    """A batch sampler without its first `skip` batches (their indices are drawn, unused)."""
+
+    def __init__(self, batch_sampler, skip: int):
+        self.batch_sampler, self.skip = batch_sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)
+
+
+def _preempted(epoch: int, batch: int, partial: Path, runtime: Runtime) -> Preempted:
+    """The stop on SIGTERM, announced once (rank 0) whatever catches it later."""
+    message = (
+        f"stopped by SIGTERM after epoch {epoch} batch {batch}; saved {partial}; "
+        "rerun the same command to resume"
+    )
+    if runtime.is_main:
+        print(message, file=sys.stderr, flush=True)
+    return Preempted(message)
+
+
+def _diverged(
+    value: float, epoch: int, step: int, out: Path, partial: Path, saved: tuple[int, int] | None
+) -> IagnError:
+    if saved is None:
+        kept = "no epoch finished, so nothing was saved"
+    elif saved[1] == 0:
+        kept = f"the last good epoch ({saved[0]}) is in {partial}"
+    else:
+        kept = f"the last good state (epoch {saved[0] + 1}, batch {saved[1]}) is in {partial}"
+    what = f"{value}" if not math.isfinite(value) else "non-finite on another rank"
+    return IagnError(
+        f"loss became {what} at epoch {epoch + 1}, step {step + 1}; stopped. {out} is left as "
+        f"it was; {kept}. Lower the learning rates (lr_head, lr_backbone) or use precision "
+        "fp32."
+    )
 
 
 def finish_run(
