@@ -59,7 +59,7 @@ format: setup  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 
 BENCHES := bench.validate_throughput bench.train_throughput bench.step_throughput bench.quality \
-	bench.kfp_overhead
+	bench.kfp_overhead bench.serving_load
 
 bench: setup  ## run the benchmarks; results land in bench/results/
 	@for bench in $(BENCHES); do echo "== $$bench"; $(BIN)/python -m $$bench || exit 1; done
@@ -67,7 +67,11 @@ bench: setup  ## run the benchmarks; results land in bench/results/
 # The tag the pipeline compiles with by default ($IAGN_IMAGE, see components/image.py).
 IMAGE ?= $(or $(IAGN_IMAGE),ghcr.io/iagn/iagn:0.1.0)
 
-image:  ## build the component image (IMAGE=..., PUSH=1 to push it) with docker, podman or buildah
+# scripts/build_image.sh: docker, podman or buildah, whichever works; BASE_IMAGE=... and
+# TORCH_INDEX=... are build arguments. Where the default base cannot be pulled it builds an
+# equivalent from Debian packages first (scripts/base_image.sh); no engine at all:
+# `sudo bash scripts/container_engine.sh setup` (podman). A failed build keeps the old tag.
+image:  ## build the component image (IMAGE=..., BASE_IMAGE=..., TORCH_INDEX=..., PUSH=1 to push it)
 	@IMAGE="$(IMAGE)" bash scripts/build_image.sh
 	@if [ -n "$(PUSH)" ]; then \
 	  if command -v docker >/dev/null && docker info >/dev/null 2>&1; then docker push "$(IMAGE)"; \

@@ -2,7 +2,7 @@
 
     iagn-pipeline compile -o iagn_pipeline.yaml [--gpu --accelerator nvidia.com/gpu ...]
     iagn-pipeline submit --host URL [--experiment NAME] [--param key=value ...] [--token ...]
-    iagn-pipeline run-local [--param key=value ...] [--verbose]
+    iagn-pipeline run-local [--param key=value ...] [--verbose] [--runner docker [--image TAG]]
 
 `--param` sets a pipeline parameter (data_rev=v1.2, experiment=cub) or, with a dotted key,
 a params.yaml override (stage3.epochs=20). User errors print one line and exit 2; a
@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from iagn.commands.common import input_file, output_dir, output_file
 from iagn.errors import IagnError
 
 ENV_TOKEN = "IAGN_KFP_TOKEN"
@@ -151,7 +152,28 @@ def _token(args: argparse.Namespace) -> str | None:
             return Path(args.token_file).read_text().strip() or None
         except OSError as exc:
             raise IagnError(f"--token-file {args.token_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise IagnError(
+                f"--token-file {args.token_file} is not a text file; pass the file that holds "
+                "the bearer token"
+            ) from None
     return args.token or os.environ.get(ENV_TOKEN) or None
+
+
+def _check_package(package: str) -> None:
+    """A compiled pipeline (KFP IR YAML), before any request: not a params.yaml, not a model."""
+    import yaml
+
+    try:
+        spec = next(yaml.safe_load_all(Path(package).read_text()), None)
+    except (UnicodeDecodeError, yaml.YAMLError):
+        spec = None
+    if not isinstance(spec, dict) or "pipelineInfo" not in spec:
+        raise IagnError(
+            f"--package {package} is not a compiled pipeline (KFP IR YAML with pipelineInfo); "
+            "pass the file `iagn-pipeline compile -o FILE` wrote, or leave --package out to "
+            "compile now"
+        )
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -175,6 +197,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             package = compile_pipeline(str(Path(tmp) / DEFAULT_PACKAGE), options)
         elif not Path(package).is_file():
             raise IagnError(f"--package {package} does not exist; run `iagn-pipeline compile`")
+        else:
+            _check_package(package)
         if args.no_cache:
             package = str(without_caching(package, Path(tmp) / "no-cache.yaml"))
         submitted = submit(
@@ -193,15 +217,34 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _containers(args: argparse.Namespace, key: str, arguments: dict):
+    """--runner docker: the engine, the image and what the containers get (or None)."""
+    if args.runner != "docker":
+        if args.image:
+            raise IagnError("--image is for --runner docker (the subprocess runner uses no image)")
+        return None
+    from components.image import image as default_image
+    from pipeline.containers import prepare
+
+    image = args.image or default_image()
+    containers = prepare(image, Path(args.pipeline_root).resolve(), arguments, key)
+    print(f"iagn-pipeline: every task in a container of {containers.image} ({containers.engine})")
+    for note in containers.notes:
+        print(f"iagn-pipeline: note: {note}")
+    return containers
+
+
 def cmd_run_local(args: argparse.Namespace) -> int:
     from pipeline.local import RunLog, log_path, pipeline_key, shown_path
     from pipeline.warm import Zygote
 
     # The key first: the preloaded interpreter must start with the environment of the tasks.
-    log = RunLog(log_path(args.pipeline_root, pipeline_key()), sys.stdout, args.verbose)
+    key = pipeline_key()
+    log = RunLog(log_path(args.pipeline_root, key), sys.stdout, args.verbose)
     # Then the interpreter: its imports (seconds) run while this process imports kfp and
-    # compiles. Its own errors go to the log.
-    zygote = None if args.cold else Zygote.start(stderr=log.file)
+    # compiles. Its own errors go to the log. Containers start from their image instead.
+    warm = not args.cold and args.runner == "subprocess"
+    zygote = Zygote.start(stderr=log.file) if warm else None
     try:
         from pipeline.arguments import check_overrides, parse_params, shown
         from pipeline.dag import CompileOptions
@@ -212,10 +255,11 @@ def cmd_run_local(args: argparse.Namespace) -> int:
         check_overrides(overrides, Path(arguments.get("data_repo") or ".") / "params.yaml")
         if overrides:
             arguments["params_overrides"] = overrides
+        containers = _containers(args, key, arguments)
         print(f"iagn-pipeline: running the DAG with kfp.local ({shown(arguments) or 'defaults'})")
         shown_log = "" if args.verbose else "; --verbose shows it here as well"
         print(f"iagn-pipeline: kfp.local's full log: {shown_path(log.path)}{shown_log}")
-        run = run_local(arguments, args.pipeline_root, options, zygote, log)
+        run = run_local(arguments, args.pipeline_root, options, zygote, log, containers)
     finally:
         if zygote is not None:
             zygote.stop()
@@ -234,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     compile_parser = commands.add_parser(
         "compile", help="write the pipeline's IR YAML (pipeline + Kubernetes platform spec)"
     )
-    compile_parser.add_argument("-o", "--output", default=DEFAULT_PACKAGE, help="YAML to write")
+    compile_parser.add_argument(
+        "-o",
+        "--output",
+        type=output_file("pipeline", convert=str),
+        default=DEFAULT_PACKAGE,
+        help="YAML to write",
+    )
     _add_compile_options(compile_parser)
     compile_parser.set_defaults(handler=cmd_compile)
 
@@ -259,11 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         help=f"bearer token for the KFP API (or ${ENV_TOKEN}, or --token-file); never printed",
     )
-    submit_parser.add_argument("--token-file", help="file holding the bearer token")
+    submit_parser.add_argument(
+        "--token-file", type=input_file("token", convert=str), help="file holding the bearer token"
+    )
     submit_parser.add_argument("--namespace", help="Kubernetes namespace (multi-user KFP)")
     submit_parser.add_argument("--run-name", help="run name (default: iagn <date time>)")
     submit_parser.add_argument(
-        "--package", help="a compiled pipeline YAML (default: compile now with the options below)"
+        "--package",
+        type=input_file("pipeline", convert=str),
+        help="a compiled pipeline YAML (default: compile now with the options below)",
     )
     submit_parser.add_argument(
         "--no-cache", action="store_true", help="run every task, reusing no cached result"
@@ -273,17 +327,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     local_parser = commands.add_parser(
         "run-local",
-        help="run the whole DAG on this machine (kfp.local, current Python environment)",
+        help="run the whole DAG on this machine (kfp.local: subprocesses, or containers)",
         description="Each step runs as a subprocess of this environment, as on a cluster but "
         "without containers. data_repo defaults to the current folder (the working copy): "
         "`dvc pull` of the dataset from its default remote, else the folder as it is. MLflow: "
-        "MLFLOW_TRACKING_URI of the environment, else ./mlflow.db.",
+        "MLFLOW_TRACKING_URI of the environment, else ./mlflow.db. With --runner docker each "
+        "step runs in a container of the component image (Docker API: DOCKER_HOST, else the "
+        "usual sockets) as its user 10001; the project is fetched at a commit (data_rev, "
+        "default HEAD) with git and `dvc get`, as on a cluster; MLflow: MLFLOW_TRACKING_URI "
+        "(a server on this machine is reachable), else a SQLite store in the pipeline root.",
     )
     local_parser.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE", help=param_help
     )
     local_parser.add_argument(
-        "--pipeline-root", default="build/kfp", help="where task outputs are written"
+        "--pipeline-root",
+        type=output_dir("pipeline root", convert=str),
+        default="build/kfp",
+        help="where task outputs are written",
+    )
+    local_parser.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess (default): this Python environment; docker: every task in a "
+        "container of the component image (kfp.local's DockerRunner; docker or podman)",
+    )
+    local_parser.add_argument(
+        "--image",
+        help="with --runner docker: the image's tag (default: $IAGN_IMAGE, else "
+        "ghcr.io/iagn/iagn:0.1.0, what `make image` builds)",
     )
     local_parser.add_argument(
         "--cold",

@@ -12,6 +12,9 @@ Outputs land under `<pipeline_root>/iagn-<timestamp>/<task>/<output>`.
 kfp.local prints everything to stdout: its own log lines, each task's executor input as
 JSON and the task's output. run-local sends all of it to a log file instead and shows a
 line as each task starts and ends, training progress and a failing task's last lines.
+
+`--runner docker` runs every task in the component image with kfp.local's DockerRunner
+instead; what that takes is in pipeline/containers.py.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from iagn.provenance import ENV_PIPELINE_RUN
 from pipeline.warm import Zygote, as_python
 
 if TYPE_CHECKING:  # pipeline.dag imports kfp: run-local imports it after starting the zygote
+    from pipeline.containers import ContainerRun
     from pipeline.dag import CompileOptions
 
 DEFAULT_ROOT = "build/kfp"
@@ -259,12 +263,15 @@ def run_local(
     options: CompileOptions | None = None,
     zygote: Zygote | None = None,
     log: RunLog | None = None,
+    containers: ContainerRun | None = None,
 ) -> LocalRun:
     """Run the pipeline locally; kfp.local's output goes to `log` (default: a RunLog under
     `pipeline_root`/logs, task lines on stdout).
 
     `zygote`: tasks start as forks of this process that has imported torch, MLflow and iagn
     already (pipeline/warm.py); None: each task is a fresh interpreter.
+    `containers` (pipeline.containers.prepare): every task runs in that image instead, with
+    its arguments (`data_repo`, `data_rev` resolved), mounts and environment.
     """
     from kfp import local
 
@@ -278,12 +285,17 @@ def run_local(
     own_log = log is None
     if log is None:
         log = RunLog(log_path(root, key), sys.stdout)
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False),
-        pipeline_root=str(root),
-        raise_on_error=True,
-    )
+    if containers is not None:
+        from pipeline.containers import pin_image
+
+        runner = containers.runner()
+        arguments = containers.arguments
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     pipeline = build_pipeline(options)
+    if containers is not None:
+        pin_image(pipeline, containers.image)
     started = time.time()
     error = ""
     python = zygote.client() if zygote is not None else None
@@ -293,8 +305,14 @@ def run_local(
             "every task imports torch, MLflow and iagn itself"
         )
     log.watch(task_names(pipeline.pipeline_spec))
+    proxy = contextlib.nullcontext()
+    if containers is not None:
+        from pipeline.containers import ApiProxy
+
+        proxy = ApiProxy(containers.base_url, key)
     try:
         with (
+            proxy,
             as_python(python),
             warnings.catch_warnings(),
             contextlib.redirect_stdout(log),
