@@ -16,11 +16,21 @@ import sys
 from collections.abc import Sequence
 
 from iagn import __version__
-from iagn.commands import checkpoint, data, fetch, models, registry, remote, train, validate
+from iagn.commands import (
+    checkpoint,
+    data,
+    fetch,
+    models,
+    registry,
+    remote,
+    tracking,
+    train,
+    validate,
+)
 from iagn.errors import IagnError, Preempted
 
 # Order is the order of `iagn --help`: the pipeline's steps from data to registry.
-COMMAND_MODULES = (data, remote, fetch, validate, train, models, registry, checkpoint)
+COMMAND_MODULES = (data, remote, fetch, validate, train, models, registry, checkpoint, tracking)
 
 
 def build_parser() -> argparse.ArgumentParser:

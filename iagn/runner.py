@@ -8,7 +8,11 @@ and the student, the model (iagn/serving.py). Arguments are plain paths and valu
 argparse objects, so a KFP component calls the same functions as the CLI.
 
 With tracking off (IAGN_TRACKING=off, or a torchrun rank other than 0) the steps run as
-they are; only `register` needs MLflow.
+they are; only `register` needs MLflow. A tracking server (or its artifact store) that goes
+away while a step runs does not stop it either: each step passes its output to
+`tracking.step_run`, beside which what MLflow did not get is kept and sent later
+(iagn/tracking/spool.py; `iagn tracking replay`). `register` still fails then: writing to
+the registry is what it is for.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def validate(
     settings = section(params, "validate")
     reading = params.get("data") or {}  # how training will read the data: the same limits
     limits = {k: reading[k] for k in ("max_pixels", "allow_outside_root") if k in reading}
-    with tracking.step_run("validate", params, ("validate",)) as run:
+    with tracking.step_run("validate", params, ("validate",), output=out) as run:
         report = step.run(data, settings, out, format, progress=progress, **limits)
         dataset = report.document.get("dataset", {})
         run.log_metrics(
@@ -75,28 +79,58 @@ def _log_trained(run: tracking.StepRun, result: dict, out: Path, model_kind: str
     checkpoint = load_checkpoint(out)
     run.log_dataset(checkpoint["data"], "train")
     if model_kind is not None:
-        _log_model(run, checkpoint, out, model_kind)
+        run.log_model(out, model_kind, send_model)
+
+
+def _model_tags(kind: str, sha: str, info) -> dict[str, str]:
+    """What `register` finds a logged model by (iagn/registry.py)."""
+    from iagn.registry import TAG_CHECKPOINT, TAG_KIND, TAG_MODEL_ID, TAG_MODEL_URI
+
+    return {
+        TAG_CHECKPOINT: sha,
+        TAG_KIND: kind,
+        TAG_MODEL_URI: info.model_uri,
+        TAG_MODEL_ID: info.model_id,
+    }
+
+
+def send_model(record) -> None:
+    """Log the model of a `model` record (`StepRun.log_model`) into the active run: at the
+    end of training, or later from a spool (`iagn tracking replay`). A checkpoint changed
+    since is not logged (`iagn register` logs the one it registers)."""
+    import mlflow
+
+    from iagn import serving
+    from iagn.checkpoint import load_checkpoint
+    from iagn.io import sha256_file
+    from iagn.registry import TAG_CHECKPOINT, TAG_KIND
+    from iagn.tracking.spool import MissingFile
+
+    path, kind, sha = Path(record["checkpoint"]), record["kind"], record["sha256"]
+    if not path.is_file() or sha256_file(path) != sha:
+        raise MissingFile(
+            f"{path} is not the {kind} checkpoint trained then (gone or changed); its model "
+            "was not logged to the training run (`iagn register` logs the model it registers)"
+        )
+    checkpoint = load_checkpoint(path, kind=kind)
+    info = serving.log_model(checkpoint, name=kind, tags={TAG_KIND: kind, TAG_CHECKPOINT: sha})
+    mlflow.set_tags(_model_tags(kind, sha, info))
 
 
 def _log_model(
     run: tracking.StepRun, checkpoint: dict, path: Path, kind: str, sha: str | None = None
 ):
-    """Log the checkpoint as a pyfunc model; tag the run so `register` can find it."""
+    """Log the checkpoint as a pyfunc model; tag the run so `register` can find it.
+
+    For `register`, which needs the model now: an outage is an error here, not kept."""
     from iagn import serving
     from iagn.io import sha256_file
-    from iagn.registry import TAG_CHECKPOINT, TAG_KIND, TAG_MODEL_ID, TAG_MODEL_URI, LoggedModel
+    from iagn.registry import TAG_CHECKPOINT, TAG_KIND, LoggedModel
 
     sha = sha or sha256_file(path)
     with tracking.mlflow_errors(run.uri):
         info = serving.log_model(checkpoint, name=kind, tags={TAG_KIND: kind, TAG_CHECKPOINT: sha})
-    run.set_tags(
-        {
-            TAG_CHECKPOINT: sha,
-            TAG_KIND: kind,
-            TAG_MODEL_URI: info.model_uri,
-            TAG_MODEL_ID: info.model_id,
-        }
-    )
+    run.set_tags(_model_tags(kind, sha, info))
     return LoggedModel(info.model_uri, run.run_id, info.model_id)
 
 
@@ -113,7 +147,7 @@ def train_stage(
     from iagn.steps import train_stage as step
 
     sections = ("data", "model", "train", f"stage{stage}")
-    with tracking.step_run(f"train-stage-{stage}", params, sections) as run:
+    with tracking.step_run(f"train-stage-{stage}", params, sections, output=out) as run:
         result = step.run(
             stage=stage,
             data=data,
@@ -139,7 +173,7 @@ def distill(
     """`iagn.steps.distill.run` in a `distill` run; logs the student model."""
     from iagn.steps import distill as step
 
-    with tracking.step_run("distill", params, ("data", "distill")) as run:
+    with tracking.step_run("distill", params, ("data", "distill"), output=out) as run:
         result = step.run(
             teacher, data, params, out, device=device, quiet=quiet, callbacks=[run.log_epoch]
         )
@@ -158,7 +192,7 @@ def evaluate(
     """`iagn.steps.evaluate.run` in an `evaluate-<kind>` run: metrics, plots, metrics.json."""
     from iagn.steps import evaluate as step
 
-    with tracking.step_run("evaluate", params, ("data", "evaluate")) as run:
+    with tracking.step_run("evaluate", params, ("data", "evaluate"), output=out) as run:
         metrics = step.run(model_path, data, params, out, device=device, quiet=quiet)
         if run.active:
             _log_evaluation(run, metrics, Path(model_path), Path(out))
@@ -174,10 +208,10 @@ def _log_evaluation(run: tracking.StepRun, metrics: dict, model_path: Path, out:
 
     kind = metrics["kind"]
     sha = sha256_file(model_path)
-    with tracking.mlflow_errors(run.uri):
-        logged = find_logged_model(mlflow.MlflowClient(), run.experiment_id, sha)
+    logged = run.lookup(lambda: find_logged_model(mlflow.MlflowClient(), run.experiment_id, sha))
     values = {k: v for k, v in metrics.items() if k != "per_class_accuracy"}
-    # Linked to the logged model (MLflow 3 shows them on its page) when training logged one.
+    # Linked to the logged model (MLflow 3 shows them on its page) when training logged one
+    # (not while MLflow is away: the metrics are kept, the link is not).
     run.log_metrics(values, model_id=logged.model_id if logged else None)
     run.log_metrics({f"class_acc/{name}": v for name, v in metrics["per_class_accuracy"].items()})
     run.set_tags(
@@ -286,7 +320,9 @@ def register(
         raise IagnError(
             "`iagn register` writes to the MLflow Model Registry; unset IAGN_TRACKING=off"
         )
-    with tracking.step_run("register", params, ("register",), ends_pipeline=ends_pipeline) as run:
+    with tracking.step_run(
+        "register", params, ("register",), ends_pipeline=ends_pipeline, output=out
+    ) as run:
         client = mlflow.MlflowClient()
         outcomes = [
             _register_one(run, client, config, kind, path, eval_dir)

@@ -7,6 +7,10 @@ component, a notebook): see `iagn/runner.py`. One module per job:
                server answers, the experiment, MLflow failures as one readable error
     parent.py  the pipeline's parent run: finding or creating it, its status, ending it
     step.py    a step's run: `step_run`, `StepRun` (params, metrics, artifacts, datasets)
+    spool.py   what a step sends, and where it is kept while MLflow does not answer: a
+               tracking server or artifact store that goes away during a step does not stop
+               it; the spool beside the step's output is sent when MLflow answers again or
+               by `iagn tracking replay`
 
 Where runs go
     MLFLOW_TRACKING_URI unset: MLflow's embedded default, the SQLite file `mlflow.db` in the
@@ -21,7 +25,9 @@ Where runs go
     15 s and 2 unless already set (MLflow's defaults, 120 s and 7, wait about 4 minutes for
     a server that is down). Each step first makes one cheap request through MLflow's client:
     a server that refuses connections stops it with an IagnError after about 5 s, one that
-    accepts but never answers after under a minute.
+    accepts but never answers after under a minute. Once the step's run exists, an outage
+    no longer stops the step (spool.py): its calls use lower limits, and what they cannot
+    send is kept.
     MLFLOW_EXPERIMENT_NAME names the experiment (default `iagn`).
 
 The parent run of a step (first match wins)

@@ -1,4 +1,10 @@
-"""A step's run: `step_run` opens it under the pipeline's parent, `StepRun` logs into it."""
+"""A step's run: `step_run` opens it under the pipeline's parent, `StepRun` logs into it.
+
+What `StepRun` logs is sent through an `Outbox` (iagn/tracking/spool.py): at once while MLflow
+answers, kept in a spool file beside the step's output while it does not, so that a tracking
+outage never stops a step once its run exists. `step_run` sends or keeps the run's end too,
+and says at the end what is still unsent and how to send it (`iagn tracking replay`).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,8 @@ import contextlib
 import json
 import os
 import re
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,31 +27,17 @@ from iagn.tracking.parent import (
     TAG_OUTCOME,
     TAG_PIPELINE_RUN,
     Parent,
-    finish,
     mark_running,
-    record_failure,
     resolve_parent,
 )
+from iagn.tracking.spool import DATASET_DIGEST_CHARS as DATASET_DIGEST_CHARS
+from iagn.tracking.spool import PROBE_TIMEOUT, Outbox, http_limits, spool_path
+from iagn.tracking.spool import TAG_DATA_DIGEST as TAG_DATA_DIGEST
 from iagn.tracking.store import configure, experiment_id, mlflow_errors, tracking_enabled
 
 TAG_STEP = "iagn.step"
-TAG_DATA_DIGEST = "iagn.data_digest"
 
-# MLflow caps a dataset digest at 36 characters; the full manifest sha256 is a run tag.
-DATASET_DIGEST_CHARS = 32
 _METRIC_NAME_BAD = re.compile(r"[^/\w.\- :]")
-# Manifest columns (iagn/data/manifest.py) and their types, for the dataset's schema in MLflow.
-_MANIFEST_TYPES = {
-    "image_id": "long",
-    "path": "string",
-    "label": "long",
-    "class_name": "string",
-    "split": "string",
-    **dict.fromkeys(("x", "y", "w", "h", "part_x", "part_y", "part_w", "part_h"), "double"),
-    "width": "long",
-    "height": "long",
-    "sha256": "string",
-}
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -67,7 +59,12 @@ def metric_name(name: str) -> str:
 
 @dataclass
 class StepRun:
-    """The MLflow run of one step; every method is a no-op when tracking is off."""
+    """The MLflow run of one step; every method is a no-op when tracking is off.
+
+    Logging never stops the step on a tracking outage: what cannot be sent is kept and sent
+    later (iagn/tracking/spool.py). Errors that are no outage (a deleted run, an invalid
+    value) raise an IagnError as before.
+    """
 
     run_id: str | None = None
     parent_id: str | None = None
@@ -75,24 +72,33 @@ class StepRun:
     experiment_id: str | None = None
     uri: str = ""
     blocked: str | None = None
+    outbox: Outbox | None = None
     _logged: dict[int, set[str]] = field(default_factory=dict)  # epoch -> metric names
 
     @property
     def active(self) -> bool:
         return self.run_id is not None
 
+    @property
+    def spool(self) -> Path | None:
+        """Where this run's unsent records are kept (the file exists only while some are)."""
+        return self.outbox.path if self.outbox is not None else None
+
+    def _submit(self, op: str, handlers: Mapping[str, Callable] | None = None, **fields) -> None:
+        assert self.outbox is not None
+        with mlflow_errors(self.uri):
+            self.outbox.submit(op, fields, handlers)
+
     def log_params(self, params: Mapping[str, Any], sections: Sequence[str]) -> None:
         if not self.active:
             return
-        import mlflow
-
         flat = {}
         for name in sections:
             value = params.get(name)
             if isinstance(value, Mapping):
                 flat.update(flatten(value, f"{name}."))
-        with mlflow_errors(self.uri):
-            mlflow.log_params(flat)
+        if flat:
+            self._submit("params", params=flat)
 
     def log_metrics(
         self, metrics: Mapping[str, Any], step: int | None = None, model_id: str | None = None
@@ -100,16 +106,19 @@ class StepRun:
         """Numeric values only (strings and nested values are skipped), names made valid."""
         if not self.active:
             return
-        import mlflow
-
         numeric = {
             metric_name(k): float(v)
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
         if numeric:
-            with mlflow_errors(self.uri):
-                mlflow.log_metrics(numeric, step=step, model_id=model_id)
+            self._submit(
+                "metrics",
+                metrics=numeric,
+                step=step or 0,
+                timestamp=int(time.time() * 1000),  # when measured, also if sent later
+                model_id=model_id,
+            )
 
     def log_epoch(self, epoch: int, record: Mapping[str, Any]) -> None:
         """The epoch callback of train_stage.run / distill.run: loss, accuracies, lr, speed."""
@@ -117,7 +126,7 @@ class StepRun:
             return
         values = {k: v for k, v in record.items() if k != "epoch"}
         self.log_metrics(values, step=epoch)
-        self._logged.setdefault(epoch, set()).update(values)
+        self._logged.setdefault(epoch, set()).update(values)  # sent or kept: not again
 
     def log_history(self, history: Sequence[Mapping[str, Any]]) -> None:
         """What `log_epoch` did not see: epochs trained before a resume (in an earlier
@@ -131,55 +140,99 @@ class StepRun:
                 self.log_epoch(epoch, missing)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or a folder; kept by path while MLflow is away (sent as it is then)."""
         if not self.active or not Path(path).exists():
             return
-        import mlflow
-
-        with mlflow_errors(self.uri):
-            if Path(path).is_dir():
-                mlflow.log_artifacts(str(path), artifact_path)
-            else:
-                mlflow.log_artifact(str(path), artifact_path)
+        resolved = Path(path).resolve()
+        self._submit(
+            "artifact",
+            path=str(resolved),
+            artifact_path=artifact_path,
+            directory=resolved.is_dir(),
+        )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:
             return
-        import mlflow
-
-        with mlflow_errors(self.uri):
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._submit("tags", tags={k: str(v) for k, v in tags.items()})
 
     def log_dataset(self, identity: Mapping[str, Any], context: str) -> None:
         """The dataset a checkpoint records (`data` of iagn/checkpoint.py) as an input."""
         if not self.active or not identity.get("digest"):
             return
-        import mlflow
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.types.schema import ColSpec, Schema
+        kept = {
+            "root": str(Path(str(identity.get("root", "."))).resolve()),
+            "format": identity.get("format", "dataset"),
+            "digest": str(identity["digest"]),
+        }
+        self._submit("dataset", identity=kept, context=context)
 
-        root = Path(str(identity.get("root", ".")))
-        with warnings.catch_warnings():
-            # MLflow registers the local source twice ("" and "file" schemes) and warns that
-            # a path matches both; they are the same class.
-            warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(root.resolve()))
-        dataset = MetaDataset(
-            source=source,
-            name=f"{identity.get('format', 'dataset')}:{root.name}",
-            digest=str(identity["digest"])[:DATASET_DIGEST_CHARS],
-            schema=Schema([ColSpec(kind, name) for name, kind in _MANIFEST_TYPES.items()]),
+    def log_model(
+        self, checkpoint: str | Path, kind: str, send: Callable[[Mapping[str, Any]], object]
+    ) -> None:
+        """Log the model of `checkpoint` with `send` (a layer above knows how: the runner's
+        `send_model`), which gets the record {checkpoint, sha256, kind, run_id} while this
+        run is active; kept by checkpoint path and sha256 while MLflow is away."""
+        if not self.active:
+            return
+        from iagn.io import sha256_file
+
+        path = Path(checkpoint).resolve()
+        self._submit(
+            "model", {"model": send}, checkpoint=str(path), sha256=sha256_file(path), kind=kind
         )
+
+    def lookup(self, read: Callable[[], Any], default: Any = None) -> Any:
+        """`read()` (a search the step can do without), or `default` while MLflow is away."""
+        if not self.active:
+            return default
+        assert self.outbox is not None
         with mlflow_errors(self.uri):
-            mlflow.log_input(dataset, context=context)
-            mlflow.set_tag(TAG_DATA_DIGEST, str(identity["digest"]))
+            return self.outbox.lookup(read, default)
 
     def block(self, reason: str) -> None:
         """The step ran but its verdict stops the pipeline: the runs end FAILED with a reason."""
         self.blocked = reason
 
+    def end(
+        self, step: str, status: str, outcome: str, error: str, parent: Parent, last: bool
+    ) -> None:
+        """End the run, then what it means for the parent (iagn/tracking/parent.py); kept
+        like any record while MLflow is away, then one last try to send what is kept."""
+        if not self.active:
+            return
+        assert self.outbox is not None
+        try:
+            self._submit(
+                "end",
+                status=status,
+                outcome=outcome,
+                error=error,
+                step=step,
+                parent_id=parent.run_id,
+                parent_source=parent.source,
+                ends_pipeline=last,
+            )
+            self.outbox.close()
+        finally:
+            self.outbox.stop_watch()
+            _leave_active_run(self.run_id, status)
 
-def _start(step: str) -> tuple[StepRun, Parent]:
+
+def _leave_active_run(run_id: str | None, status: str) -> None:
+    """Take the run off MLflow's stack of active runs in this process, if still there (its
+    end was kept): `mlflow.end_run` leaves the stack before it asks the server, which may
+    not answer (a short try; the kept `end` record is what counts)."""
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is None or active.info.run_id != run_id:
+        return
+    with http_limits(PROBE_TIMEOUT, 0), contextlib.suppress(Exception):
+        mlflow.end_run(status)
+
+
+def _start(step: str, output: str | Path | None) -> tuple[StepRun, Parent]:
     import mlflow
     from mlflow import MlflowClient
 
@@ -206,24 +259,15 @@ def _start(step: str) -> tuple[StepRun, Parent]:
         )
         run_id = run.info.run_id
         pipeline_run = os.environ.get(ENV_KFP_RUN) or parent.run_id or run_id
-        mlflow.set_tag(TAG_PIPELINE_RUN, pipeline_run)
-    return StepRun(run_id, parent.run_id, pipeline_run, experiment, uri), parent
-
-
-def _end(
-    step: str, status: str, outcome: str, error: str, parent: Parent, ends_pipeline: bool
-) -> None:
-    """End the step's run, then what it means for the parent (see iagn/tracking/parent.py)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    mlflow.end_run(status)
-    if not parent.managed:
-        return
-    if status != "FINISHED":
-        record_failure(MlflowClient(), parent.run_id, status, outcome, f"{step}: {error}")
-    elif ends_pipeline and parent.ended_by_last_step:
-        finish(MlflowClient(), parent.run_id)
+    outbox = Outbox(run_id, step, uri, experiment, spool_path(step, run_id, output))
+    outbox.watch()
+    step_run_ = StepRun(run_id, parent.run_id, pipeline_run, experiment, uri, outbox=outbox)
+    try:
+        step_run_.set_tags({TAG_PIPELINE_RUN: pipeline_run})
+    except BaseException:
+        outbox.stop_watch()
+        raise
+    return step_run_, parent
 
 
 @contextlib.contextmanager
@@ -232,6 +276,7 @@ def step_run(
     params: Mapping[str, Any] | None = None,
     sections: Sequence[str] = (),
     ends_pipeline: bool = False,
+    output: str | Path | None = None,
 ) -> Iterator[StepRun]:
     """A nested MLflow run for `step` under this pipeline execution's parent (see package doc).
 
@@ -240,11 +285,16 @@ def step_run(
     an exception. A success leaves the parent RUNNING, unless `ends_pipeline` (this step is
     the pipeline's last) and the parent comes from IAGN_PIPELINE_RUN or a DVC repro: then
     the parent ends FINISHED (or stays FAILED). Under KFP the exit handler ends it instead.
+
+    A tracking server that does not answer when the step starts is an IagnError; one that
+    goes away later is not (iagn/tracking/spool.py): what the step logs meanwhile is kept
+    in a spool file beside `output` (the step's checkpoint or folder) and sent when MLflow
+    answers again, at the latest by `iagn tracking replay`.
     """
     if not tracking_enabled():
         yield StepRun()
         return
-    run, parent = _start(step)
+    run, parent = _start(step, output)
     try:
         run.log_params(params or {}, sections)
         yield run
@@ -256,13 +306,12 @@ def step_run(
         with contextlib.suppress(Exception):
             run.set_tags({TAG_OUTCOME: outcome, TAG_ERROR: error})
         with contextlib.suppress(Exception):
-            _end(step, status, outcome, error, parent, ends_pipeline)
+            run.end(step, status, outcome, error, parent, ends_pipeline)
         raise
-    with mlflow_errors(run.uri):
-        if run.blocked:
-            reason = scrub_text(run.blocked)[:ERROR_CHARS]
-            run.set_tags({TAG_OUTCOME: "blocked", TAG_ERROR: reason})
-            _end(step, "FAILED", "blocked", reason, parent, ends_pipeline)
-        else:
-            run.set_tags({TAG_OUTCOME: "succeeded"})
-            _end(step, "FINISHED", "succeeded", "", parent, ends_pipeline)
+    if run.blocked:
+        reason = scrub_text(run.blocked)[:ERROR_CHARS]
+        run.set_tags({TAG_OUTCOME: "blocked", TAG_ERROR: reason})
+        run.end(step, "FAILED", "blocked", reason, parent, ends_pipeline)
+    else:
+        run.set_tags({TAG_OUTCOME: "succeeded"})
+        run.end(step, "FINISHED", "succeeded", "", parent, ends_pipeline)

@@ -19,6 +19,8 @@ DEFAULT_EXPERIMENT = "iagn"
 # backoff sleeps 0 s, then 4-5 s) and a server that accepts but never answers after 3
 # attempts of 15 s. The timeout bounds each wait for the server, including its reply to an
 # artifact upload that it forwards to S3: raise it for large models over a slow link.
+# They hold for starting a step and for `iagn tracking replay`; the calls a step makes while
+# it runs use lower limits (iagn/tracking/spool.py), since what they fail to send is kept.
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
 
 
@@ -84,15 +86,19 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
-def configure() -> str:
-    """Point MLflow at the configured store and check that it answers; the URI, scrubbed."""
+def configure(check: bool = True) -> str:
+    """Point MLflow at the configured store and (`check`) that it answers; the URI, scrubbed.
+
+    `iagn tracking replay` passes check=False: it says itself what an unreachable server
+    means for the records it keeps.
+    """
     import mlflow
 
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
     credentials_out_of_uri()
     uri = mlflow.get_tracking_uri()
-    if urlsplit(uri).scheme in ("http", "https"):
+    if check and urlsplit(uri).scheme in ("http", "https"):
         _check_reachable(uri)
     return scrub_uri(uri)
 
