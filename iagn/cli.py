@@ -23,6 +23,7 @@ from iagn.commands import (
     models,
     registry,
     remote,
+    serve,
     tracking,
     train,
     validate,
@@ -30,7 +31,18 @@ from iagn.commands import (
 from iagn.errors import IagnError, Preempted
 
 # Order is the order of `iagn --help`: the pipeline's steps from data to registry.
-COMMAND_MODULES = (data, remote, fetch, validate, train, models, registry, checkpoint, tracking)
+COMMAND_MODULES = (
+    data,
+    remote,
+    fetch,
+    validate,
+    train,
+    models,
+    registry,
+    serve,
+    checkpoint,
+    tracking,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,3 +45,33 @@ def test_step_throughput_times_all_loops_and_writes_results(tmp_path, monkeypatc
     assert f"ours auto ({auto}, {data['machine']['cpu']}" in figures[0]
     assert all(f", {data['machine']['cpu']}" in line for line in figures), figures
     assert f"reference (fp32, {data['machine']['cpu']}" in figures[-1]
+
+
+def test_serving_load_reports_latency_errors_and_memory_per_payload(tmp_path, monkeypatch):
+    """The serving benchmark end to end at a toy size, on an untrained student."""
+    from test_serving_limits import student_checkpoint
+
+    from bench import serving_load
+    from iagn.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "student.pt", student_checkpoint(["a", "b", "c"]))
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    argv = ["serving_load", "--requests", "16", "--clients", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--checkpoint", str(checkpoint)])
+    serving_load.main()
+
+    data = json.loads((tmp_path / "serving.json").read_text())
+    assert data["settings"] == {"requests": 16, "clients": 2, "workers": 1, "max_body_mb": 16.0}
+    assert data["model"]["kind"] == "student" and data["model"]["classes"] == 3
+    arms = data["arms"]
+    assert set(arms) == {"synth-64px-1-client", "synth-64px", "photo-500x375", "bomb-20000px"}
+    assert arms["synth-64px"]["requests"] == arms["photo-500x375"]["requests"] == 16
+    assert arms["bomb-20000px"]["requests"] == 4 and arms["bomb-20000px"]["expected_status"] == 400
+    assert arms["synth-64px-1-client"]["clients"] == 1 and arms["synth-64px"]["clients"] == 2
+    for name, arm in arms.items():
+        assert arm["errors"] == 0, (name, arm["statuses"])
+        assert 0 < arm["p50_ms"] <= arm["p95_ms"] <= arm["max_ms"], arm
+        assert arm["throughput_rps"] > 0 and arm["server_rss_mb_before"] > 0
+    table = (tmp_path / "serving.md").read_text()
+    assert data["machine"]["cpu"] in table
+    assert "| synth-64px | 2 | 16 | 200 |" in table and "| bomb-20000px | 2 | 4 | 400 |" in table

@@ -1,4 +1,5 @@
-"""`mlflow models serve` on the registry's champion: real images in, 4xx for bad input."""
+"""`iagn serve` and `mlflow models serve` on the registry's champion: real images in, 4xx for
+bad input, no payload in any message. The limits: tests/test_serving_limits.py."""
 
 from __future__ import annotations
 
@@ -23,46 +24,52 @@ from iagn import serving
 __all__ = ["mlflow_server", "tracked_pipeline"]  # fixtures used by the tests below
 
 
-@pytest.fixture(scope="module")
-def scoring_server(mlflow_server, tracked_pipeline, tmp_path_factory):
-    """The real scoring server process for models:/<name>@champion, CPU, this environment."""
+# `iagn serve` (the README's recommended server) and `mlflow models serve`, the same model.
+SERVERS = ("iagn serve", "mlflow models serve")
+
+
+def server_command(server: str) -> list:
+    if server == "iagn serve":
+        return [BIN / "iagn", "serve", "--model", f"models:/{MODEL_NAME}@champion"]
+    return [
+        BIN / "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"models:/{MODEL_NAME}@champion",
+        "--env-manager",
+        "local",
+    ]
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def scoring_server(request, mlflow_server, tracked_pipeline, tmp_path_factory):
+    """A real scoring server process for models:/<name>@champion, CPU, this environment."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     # `mlflow models serve` starts `uvicorn` by name: the venv's bin must be on PATH.
     env = {**os.environ, **tracked_pipeline.env, "PATH": f"{BIN}:{os.environ['PATH']}"}
     process = subprocess.Popen(
-        [
-            BIN / "mlflow",
-            "models",
-            "serve",
-            "-m",
-            f"models:/{MODEL_NAME}@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [*server_command(request.param), "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,  # stop_group ends its uvicorn worker too
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while True:
         if process.poll() is not None:
-            pytest.fail(f"mlflow models serve exited:\n{log.read_text()}")
+            pytest.fail(f"{request.param} exited:\n{log.read_text()}")
         try:
             with urllib.request.urlopen(f"{url}/ping", timeout=2):
                 break
         except OSError:
             if time.monotonic() > deadline:
                 stop_group(process)
-                pytest.fail(f"mlflow models serve did not start:\n{log.read_text()}")
+                pytest.fail(f"{request.param} did not start:\n{log.read_text()}")
             time.sleep(0.5)
-    yield url, log
+    yield url, request.param
     stop_group(process)
 
 
@@ -104,11 +111,13 @@ def test_a_real_image_gets_class_probability_top5_and_box(scoring_server, tracke
     assert first["probability"] == pytest.approx(prediction["probability"], abs=1e-3)
 
 
+MARKER = "QZV-PAYLOAD-MARKER-5190"
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("this is not json", "Invalid input"),
-        (json.dumps({"dataframe_records": [{"picture": "x"}]}), "needs `image`"),
+        (json.dumps({"dataframe_records": [{"picture": "x"}]}), "none of them `image`"),
         (json.dumps({"dataframe_records": [{"image": "%%% not base64 %%%"}]}), "not valid base64"),
         (
             json.dumps(
@@ -126,6 +135,37 @@ def test_bad_input_gets_a_4xx_with_a_message(scoring_server, body, message):
     assert 400 <= status < 500, (status, answer)
     assert message in answer
     assert "Traceback" not in answer and "stack_trace" not in answer
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"image": MARKER},
+        {"image": base64.b64encode(MARKER.encode() * 3).decode()},
+        {"array": MARKER},
+        {"array": [[[MARKER, 0, 0]]]},
+        {MARKER: "x"},
+    ],
+    ids=["image-text", "image-bytes", "array-text", "array-cell", "column-name"],
+)
+def test_the_models_errors_never_quote_the_payload_under_either_server(scoring_server, row):
+    """MLflow's server prefixes a model's error with the input table; ours keep their message."""
+    url, _ = scoring_server
+    status, answer = post(url, json.dumps({"dataframe_records": [row]}))
+    assert status == 400, answer
+    assert MARKER not in answer and "Failed to predict data" not in answer
+    assert json.loads(answer)["message"].startswith(("row 0: ", "the input has")), answer
+
+
+def test_a_body_that_is_not_json_is_not_quoted_back(scoring_server):
+    url, server = scoring_server
+    status, answer = post(url, f"this is not json {MARKER}")
+    assert status == 400
+    if server == "mlflow models serve":
+        # MLflow's own JSON error quotes the body; the README says so and points to iagn serve.
+        assert "Invalid input" in answer
+    else:
+        assert MARKER not in answer and "not valid JSON" in answer
 
 
 def test_the_registered_model_bundles_code_weights_signature_and_example(
