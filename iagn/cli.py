@@ -28,6 +28,7 @@ from iagn.commands import (
     train,
     validate,
 )
+from iagn.commands.common import check_paths
 from iagn.errors import IagnError, Preempted
 
 # Order is the order of `iagn --help`: the pipeline's steps from data to registry.
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_paths(parser, args)
     try:
         return args.handler(args)
     except Preempted as stopped:  # the training loop has said where it stopped

@@ -136,16 +136,33 @@ def explain_failure(output: str, remote: Remote | None) -> str:
 def run_quietly(
     argv: list[str], cwd: str | os.PathLike | None, timeout: int
 ) -> subprocess.CompletedProcess:
-    """A tool (dvc, git) without analytics or prompts; output captured, never raises."""
-    return subprocess.run(
-        argv,
-        cwd=cwd,
-        env={**os.environ, **QUIET_ENV},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    """A tool (dvc, git) without analytics or prompts; output captured. A failing tool is
+    its CompletedProcess; only a tool that cannot start or does not finish is an IagnError."""
+    words = [str(word) for word in argv]
+    if words[1:2] == ["-m"]:  # `python -m dvc ...`: say `dvc ...`
+        words = words[2:]
+    shown = " ".join([Path(words[0]).name, *words[1:2]])
+    if cwd is not None and not Path(cwd).is_dir():
+        raise IagnError(f"cannot run `{shown}` in {cwd}: there is no such folder")
+    try:
+        return subprocess.run(
+            argv,
+            cwd=cwd,
+            env={**os.environ, **QUIET_ENV},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except FileNotFoundError:
+        raise IagnError(
+            f"cannot run `{shown}`: {words[0]} is not installed or not on PATH"
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise IagnError(
+            f"`{shown} ...` did not finish within {timeout} s; check the network and the "
+            "remote, then run the command again"
+        ) from None
 
 
 def run_dvc(

@@ -28,6 +28,11 @@ def _read_params(path: Path) -> dict[str, Any]:
         )
     try:
         params = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise IagnError(
+            f"params file {path} is not a text file (a checkpoint, an image?); pass the "
+            "project's params.yaml"
+        ) from None
     except yaml.YAMLError as exc:
         raise IagnError(f"params file {path} is not valid YAML: {exc}") from None
     if not isinstance(params, dict):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
-from iagn.commands.common import input_file, output_dir, output_file
+from iagn.commands.common import check_paths, input_file, output_dir, output_file
 from iagn.errors import IagnError
 
 ENV_TOKEN = "IAGN_KFP_TOKEN"
@@ -375,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_paths(parser, args)
     try:
         return args.handler(args)
     except IagnError as error:

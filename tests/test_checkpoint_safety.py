@@ -148,6 +148,13 @@ def test_the_crafted_pickle_is_live(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.fault(
+    "a checkpoint that runs code when unpickled (a crafted pickle), given to train-stage "
+    "--init, distill --teacher, evaluate, predict, explain or checkpoint convert",
+    sees="exit 2: `iagn: error: evil.pt was not loaded: it holds references to posix.system, "
+    "which an iagn checkpoint never holds; ... Nothing in it ran. Do not use it: ...`",
+    kept="everything: nothing in the file runs, nothing is written",
+)
 @pytest.mark.parametrize(
     "entry",
     ["train-stage --init", "distill --teacher", "evaluate", "predict", "explain"],
@@ -174,6 +181,13 @@ def test_cli_entry_points_refuse_a_crafted_pickle(entry, project, tmp_path):
     assert not out.exists() or not any(out.iterdir())  # evaluate makes its folder first
 
 
+@pytest.mark.fault(
+    "a checkpoint that runs code when unpickled (a crafted pickle), given to train-stage "
+    "--init, distill --teacher, evaluate, predict, explain or checkpoint convert",
+    sees="exit 2: `iagn: error: evil.pt was not loaded: it holds references to posix.system, "
+    "which an iagn checkpoint never holds; ... Nothing in it ran. Do not use it: ...`",
+    kept="everything: nothing in the file runs, nothing is written",
+)
 @pytest.mark.parametrize(
     "variant",
     ["rng", "exec", "weights", "whole file", "protocol 4", "bare pickle", "other global"],
@@ -206,6 +220,13 @@ def test_every_crafted_variant_is_refused_without_running(variant, tmp_path):
     assert error.value.__cause__ is None
 
 
+@pytest.mark.fault(
+    "a checkpoint that runs code when unpickled (a crafted pickle), given to train-stage "
+    "--init, distill --teacher, evaluate, predict, explain or checkpoint convert",
+    sees="exit 2: `iagn: error: evil.pt was not loaded: it holds references to posix.system, "
+    "which an iagn checkpoint never holds; ... Nothing in it ran. Do not use it: ...`",
+    kept="everything: nothing in the file runs, nothing is written",
+)
 def test_a_file_with_two_pickles_is_checked_in_full(tmp_path):
     """Every pickle in the archive is read before anything is unpickled."""
     marker = tmp_path / "pwned"
@@ -257,6 +278,12 @@ def test_pyfunc_loads_the_genuine_model(logged_model, project):
     assert row["class_name"] in project["class_names"]
 
 
+@pytest.mark.fault(
+    "a registered MLflow model whose artifacts/model.pt was replaced by a crafted pickle",
+    sees="`mlflow.pyfunc.load_model` raises `iagn model not loaded: ... was not loaded ...`; "
+    "`mlflow models serve` stops at start-up with the same message",
+    kept="everything: nothing in the file runs, the server does not start",
+)
 def test_pyfunc_refuses_a_replaced_artifact(logged_model, tmp_path):
     from mlflow.exceptions import MlflowException
 
@@ -270,6 +297,12 @@ def test_pyfunc_refuses_a_replaced_artifact(logged_model, tmp_path):
     assert REFUSED in message and NEVER in message and "posix.system" in message
 
 
+@pytest.mark.fault(
+    "a registered MLflow model whose artifacts/model.pt was replaced by a crafted pickle",
+    sees="`mlflow.pyfunc.load_model` raises `iagn model not loaded: ... was not loaded ...`; "
+    "`mlflow models serve` stops at start-up with the same message",
+    kept="everything: nothing in the file runs, the server does not start",
+)
 def test_the_scoring_server_refuses_a_replaced_artifact(logged_model, tmp_path):
     """`mlflow models serve` (as tests/test_serving.py starts it) stops at startup."""
     marker = tmp_path / "pwned"
@@ -396,6 +429,12 @@ def write_old_format(path: Path, payload: dict) -> dict:
     return rng
 
 
+@pytest.mark.fault(
+    "a checkpoint in the format from before code-free checkpoints (numpy RNG state)",
+    sees="exit 2: `... was not loaded: ... in the old format ...` and the `iagn checkpoint "
+    "convert ...` command to run, which converts it without running code from it",
+    kept="the file, until converted; the conversion keeps its weights and RNG state",
+)
 def test_an_old_checkpoint_gets_the_conversion_command_which_works(project, tmp_path):
     old = tmp_path / "old model.pt"  # a space: the printed command must quote it
     rng = write_old_format(old, student_payload(project["class_names"]))
@@ -421,6 +460,13 @@ def test_an_old_checkpoint_gets_the_conversion_command_which_works(project, tmp_
     assert json.loads(predicted.stdout)["class_name"] in project["class_names"]
 
 
+@pytest.mark.fault(
+    "a checkpoint that runs code when unpickled (a crafted pickle), given to train-stage "
+    "--init, distill --teacher, evaluate, predict, explain or checkpoint convert",
+    sees="exit 2: `iagn: error: evil.pt was not loaded: it holds references to posix.system, "
+    "which an iagn checkpoint never holds; ... Nothing in it ran. Do not use it: ...`",
+    kept="everything: nothing in the file runs, nothing is written",
+)
 def test_conversion_refuses_a_crafted_file(tmp_path):
     marker = tmp_path / "pwned"
     evil = crafted(tmp_path / "evil.pt", marker)
@@ -438,6 +484,13 @@ def test_conversion_refuses_a_crafted_file(tmp_path):
 # --- A checkpoint of another kind ----------------------------------------------------------
 
 
+@pytest.mark.fault(
+    "a checkpoint that holds no model (an optimizer state, no kind, no weights, weights of "
+    "another shape)",
+    sees="exit 2: `... holds a 'optimizer', not a model ...` naming a teacher (`iagn "
+    "train-stage`) or a student (`iagn distill`) as what to pass",
+    kept="everything: nothing is written",
+)
 @pytest.mark.parametrize("command", ["evaluate", "predict", "explain"])
 def test_a_checkpoint_of_another_kind_is_explained(command, project, tmp_path):
     other = tmp_path / "optimizer.pt"
@@ -455,6 +508,13 @@ def test_a_checkpoint_of_another_kind_is_explained(command, project, tmp_path):
     assert "teacher" in result.stderr and "iagn distill" in result.stderr
 
 
+@pytest.mark.fault(
+    "a checkpoint that holds no model (an optimizer state, no kind, no weights, weights of "
+    "another shape)",
+    sees="exit 2: `... holds a 'optimizer', not a model ...` naming a teacher (`iagn "
+    "train-stage`) or a student (`iagn distill`) as what to pass",
+    kept="everything: nothing is written",
+)
 def test_checkpoints_without_a_kind_or_weights_are_explained(tmp_path):
     no_kind = save_checkpoint(tmp_path / "no_kind.pt", {"model_state": {}})
     with pytest.raises(IagnError, match="holds no model kind, not a model"):

@@ -105,6 +105,13 @@ def test_missing_boxes_are_marked_invalid(tiny_synth: Path):
     assert item["box_valid"].tolist() == [True, False]
 
 
+@pytest.mark.fault(
+    "an image that does not decode (truncated, or not an image at all)",
+    sees="exit 2: `broken.jpg: image does not decode: not a readable image ... -> replace "
+    "the file with a good copy (re-download, dvc pull) or remove it` (the manifest adds the "
+    "listing line)",
+    kept="everything: nothing is written",
+)
 def test_undecodable_image_names_the_file(tiny_synth: Path, tmp_path: Path):
     manifest = load_manifest(tiny_synth).head(2).copy()
     broken = tmp_path / "broken.jpg"

@@ -42,6 +42,12 @@ def failed(*args, cwd: Path, env: dict | None = None) -> str:
     return result.stderr
 
 
+@pytest.mark.fault(
+    "no DVC remote configured, or an unknown `-r NAME`",
+    sees="exit 2: `no DVC remote is configured -> add one: dvc remote add -d NAME "
+    "s3://BUCKET/PATH ...` / `that DVC remote is not configured -> dvc remote list ...`",
+    kept="the local data and DVC cache",
+)
 def test_no_remote_says_how_to_add_one(project: Path):
     message = failed("push", cwd=project)
     assert "no DVC remote is configured" in message
@@ -49,6 +55,12 @@ def test_no_remote_says_how_to_add_one(project: Path):
     assert "that DVC remote is not configured" in failed("pull", "-r", "backup", cwd=project)
 
 
+@pytest.mark.fault(
+    "an unreachable S3 endpoint",
+    sees="exit 2: `cannot reach DVC remote 'store' (s3://... at http://...) -> check the "
+    "remote's endpoint (dvc remote modify store endpointurl ..., or AWS_ENDPOINT_URL) ...`",
+    kept="the local data and DVC cache",
+)
 def test_unreachable_endpoint_names_endpointurl(project: Path):
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     s3_remote(project, "s3://iagn-data/dvc", endpoint)
@@ -58,6 +70,13 @@ def test_unreachable_endpoint_names_endpointurl(project: Path):
     assert "dvc remote modify store endpointurl" in message and "AWS_ENDPOINT_URL" in message
 
 
+@pytest.mark.fault(
+    "missing or wrong S3 credentials",
+    sees="exit 2: `no S3 credentials for DVC remote 'store' ...` / `... rejected the "
+    "credentials (403 Forbidden) -> check access_key_id / secret_access_key ...`; the secret "
+    "never shows",
+    kept="the local data; nothing is half-uploaded",
+)
 def test_missing_and_wrong_credentials_name_the_keys(project: Path, s3_server, monkeypatch):
     s3_remote(project, f"s3://{s3_server.bucket}/dvc", s3_server.endpoint)
     message = failed("push", cwd=project)
@@ -76,6 +95,12 @@ def test_missing_and_wrong_credentials_name_the_keys(project: Path, s3_server, m
     assert s3_server.keys() == []  # nothing half-uploaded
 
 
+@pytest.mark.fault(
+    "an S3 bucket that does not exist",
+    sees="exit 2: `the bucket of DVC remote 'store' (...) does not exist -> fix the remote's "
+    "url (dvc remote modify store url s3://BUCKET/PATH) or create the bucket`",
+    kept="the local data and DVC cache",
+)
 def test_missing_bucket_names_the_url_then_a_push_works(project: Path, s3_server):
     s3_remote(project, "s3://no-such-bucket/dvc", s3_server.endpoint)
     env = s3_server.credentials_env()

@@ -113,6 +113,13 @@ def no_traceback(result) -> None:
 # --- the decoder itself ----------------------------------------------------------------------
 
 
+@pytest.mark.fault(
+    "a decompression bomb: a 50 KB PNG that declares 20000 x 20000 pixels",
+    sees="exit 2: `bomb.png: image is too large: 20000 x 20000 = 400,000,000 pixels, above "
+    "the limit data.max_pixels = 67,108,864` (the manifest adds the listing line; validate "
+    "reports it as a failed expectation, exit 1)",
+    kept="memory: the size is read from the header and no pixel is decoded; nothing is written",
+)
 def test_bomb_is_refused_from_the_header(bomb: bytes, tmp_path: Path):
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb)
@@ -144,6 +151,12 @@ def test_the_limit_is_ours_not_pils(bomb: bytes):
         image_from_array(np.asarray(small), max_pixels=9_999)
 
 
+@pytest.mark.fault(
+    "a 16-bit or float image (PIL modes I;16, I, F)",
+    sees="exit 2: `depth.png: image has mode I;16, 16-bit ... would clip ...` and to convert "
+    "it to 8-bit RGB (validate: a failed rgb_convertible row, the same sentence, exit 1)",
+    kept="the image; nothing trains on clipped pixels",
+)
 def test_sixteen_bit_is_refused_with_one_sentence_everywhere(sixteen_bit: bytes, tmp_path):
     path = tmp_path / "depth.png"
     path.write_bytes(sixteen_bit)
@@ -188,6 +201,13 @@ def test_transparency_is_composited_on_white(mode: str, tmp_path: Path):
         assert [array.getpixel((x, 0)) for x in range(3)] == got
 
 
+@pytest.mark.fault(
+    "an image that does not decode (truncated, or not an image at all)",
+    sees="exit 2: `broken.jpg: image does not decode: not a readable image ... -> replace "
+    "the file with a good copy (re-download, dvc pull) or remove it` (the manifest adds the "
+    "listing line)",
+    kept="everything: nothing is written",
+)
 def test_broken_and_missing_files_are_named(tmp_path: Path):
     with pytest.raises(ImageError, match=r"absent\.jpg: image file is missing"):
         open_image(tmp_path / "absent.jpg")
@@ -198,6 +218,13 @@ def test_broken_and_missing_files_are_named(tmp_path: Path):
 # --- every consumer ----------------------------------------------------------------------------
 
 
+@pytest.mark.fault(
+    "a decompression bomb: a 50 KB PNG that declares 20000 x 20000 pixels",
+    sees="exit 2: `bomb.png: image is too large: 20000 x 20000 = 400,000,000 pixels, above "
+    "the limit data.max_pixels = 67,108,864` (the manifest adds the listing line; validate "
+    "reports it as a failed expectation, exit 1)",
+    kept="memory: the size is read from the header and no pixel is decoded; nothing is written",
+)
 def test_manifest_refuses_the_bomb_naming_the_listing_line(tiny_synth, bomb, tmp_path):
     root = with_file(tiny_synth, tmp_path / "data", BOMB_ID, bomb)
     with pytest.raises(DataError, match=rf"images.txt, line {BOMB_ID}: image .* is too large"):
@@ -209,6 +236,12 @@ def test_manifest_refuses_the_bomb_naming_the_listing_line(tiny_synth, bomb, tmp
     assert not out.exists()
 
 
+@pytest.mark.fault(
+    "a 16-bit or float image (PIL modes I;16, I, F)",
+    sees="exit 2: `depth.png: image has mode I;16, 16-bit ... would clip ...` and to convert "
+    "it to 8-bit RGB (validate: a failed rgb_convertible row, the same sentence, exit 1)",
+    kept="the image; nothing trains on clipped pixels",
+)
 def test_manifest_refuses_sixteen_bit(tiny_synth, sixteen_bit, tmp_path):
     root = with_file(tiny_synth, tmp_path / "data", SIXTEEN_BIT_ID, sixteen_bit)
     line = rf"images.txt, line {SIXTEEN_BIT_ID}: image .* has mode I;16, 16-bit"
@@ -216,6 +249,13 @@ def test_manifest_refuses_sixteen_bit(tiny_synth, sixteen_bit, tmp_path):
         load_manifest(root)
 
 
+@pytest.mark.fault(
+    "a decompression bomb: a 50 KB PNG that declares 20000 x 20000 pixels",
+    sees="exit 2: `bomb.png: image is too large: 20000 x 20000 = 400,000,000 pixels, above "
+    "the limit data.max_pixels = 67,108,864` (the manifest adds the listing line; validate "
+    "reports it as a failed expectation, exit 1)",
+    kept="memory: the size is read from the header and no pixel is decoded; nothing is written",
+)
 def test_train_stage_refuses_the_bomb(tiny_synth, bomb, tmp_path):
     root = with_file(tiny_synth, tmp_path / "data", BOMB_ID, bomb)
     params = tmp_path / "params.yaml"
@@ -249,6 +289,19 @@ def test_training_data_applies_the_same_rules(tiny_synth, bomb, sixteen_bit, tmp
         small[index[3]]
 
 
+@pytest.mark.fault(
+    "a 16-bit or float image (PIL modes I;16, I, F)",
+    sees="exit 2: `depth.png: image has mode I;16, 16-bit ... would clip ...` and to convert "
+    "it to 8-bit RGB (validate: a failed rgb_convertible row, the same sentence, exit 1)",
+    kept="the image; nothing trains on clipped pixels",
+)
+@pytest.mark.fault(
+    "a decompression bomb: a 50 KB PNG that declares 20000 x 20000 pixels",
+    sees="exit 2: `bomb.png: image is too large: 20000 x 20000 = 400,000,000 pixels, above "
+    "the limit data.max_pixels = 67,108,864` (the manifest adds the listing line; validate "
+    "reports it as a failed expectation, exit 1)",
+    kept="memory: the size is read from the header and no pixel is decoded; nothing is written",
+)
 def test_validation_reports_both_as_failed_expectations(tiny_synth, bomb, sixteen_bit, tmp_path):
     root = with_file(tiny_synth, tmp_path / "data", BOMB_ID, bomb)
     image_path(root, SIXTEEN_BIT_ID).write_bytes(sixteen_bit)
@@ -271,6 +324,19 @@ def checkpoint(tiny_synth: Path, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.fault(
+    "a 16-bit or float image (PIL modes I;16, I, F)",
+    sees="exit 2: `depth.png: image has mode I;16, 16-bit ... would clip ...` and to convert "
+    "it to 8-bit RGB (validate: a failed rgb_convertible row, the same sentence, exit 1)",
+    kept="the image; nothing trains on clipped pixels",
+)
+@pytest.mark.fault(
+    "a decompression bomb: a 50 KB PNG that declares 20000 x 20000 pixels",
+    sees="exit 2: `bomb.png: image is too large: 20000 x 20000 = 400,000,000 pixels, above "
+    "the limit data.max_pixels = 67,108,864` (the manifest adds the listing line; validate "
+    "reports it as a failed expectation, exit 1)",
+    kept="memory: the size is read from the header and no pixel is decoded; nothing is written",
+)
 def test_predict_refuses_bomb_and_sixteen_bit(checkpoint, bomb, sixteen_bit, tmp_path):
     for name, content, message in (
         ("bomb.png", bomb, "bomb.png: image is too large: 20000 x 20000 = 400,000,000 pixels, "
@@ -312,6 +378,14 @@ def outside_image(tmp_path: Path) -> Path:
     return secret
 
 
+@pytest.mark.fault(
+    "a listing line or a symlink that leads outside the dataset root "
+    "(`../../../home/me/secret.jpg`)",
+    sees="exit 2: `images.txt, line 4: image '...' (id 4) points outside the dataset root "
+    "... -> remove the line (or the link), or set params.yaml data.allow_outside_root: true "
+    "...`",
+    kept="the file outside the root is never read",
+)
 def test_listing_line_leading_out_is_refused(tiny_synth, tmp_path):
     root = tmp_path / "datasets" / "cub"
     shutil.copytree(tiny_synth, root)
@@ -333,6 +407,14 @@ def test_listing_line_leading_out_is_refused(tiny_synth, tmp_path):
     assert manifest.set_index("image_id").loc[4, "path"] == "images/../../../outside/secret.jpg"
 
 
+@pytest.mark.fault(
+    "a listing line or a symlink that leads outside the dataset root "
+    "(`../../../home/me/secret.jpg`)",
+    sees="exit 2: `images.txt, line 4: image '...' (id 4) points outside the dataset root "
+    "... -> remove the line (or the link), or set params.yaml data.allow_outside_root: true "
+    "...`",
+    kept="the file outside the root is never read",
+)
 def test_symlink_leading_out_is_refused(tiny_synth, tmp_path):
     root = tmp_path / "cub"
     shutil.copytree(tiny_synth, root)
@@ -352,6 +434,14 @@ def test_symlink_leading_out_is_refused(tiny_synth, tmp_path):
     assert len(load_manifest(root)) == 24
 
 
+@pytest.mark.fault(
+    "a listing line or a symlink that leads outside the dataset root "
+    "(`../../../home/me/secret.jpg`)",
+    sees="exit 2: `images.txt, line 4: image '...' (id 4) points outside the dataset root "
+    "... -> remove the line (or the link), or set params.yaml data.allow_outside_root: true "
+    "...`",
+    kept="the file outside the root is never read",
+)
 def test_imagefolder_link_leading_out_is_refused(tmp_path):
     root = make_imagefolder(tmp_path / "folder")
     elsewhere = make_imagefolder(tmp_path / "elsewhere")
@@ -377,6 +467,13 @@ def test_params_files_carry_the_defaults(params_file: str):
     assert config.max_pixels == DEFAULT_MAX_PIXELS and config.allow_outside_root is False
 
 
+@pytest.mark.fault(
+    "a params.yaml key or value that is wrong (an unknown key or expectation, a level "
+    "`fatal`, a count `ten`, a non-positive max_pixels)",
+    sees="exit 2: the key and what is allowed, e.g. `params.yaml validate.expectations has "
+    "unknown names ['no_such_check']`, `train has unknown keys ['learning_rate']`",
+    kept="everything: the step does not start",
+)
 @pytest.mark.parametrize(
     ("key", "value"),
     [("max_pixels", 0), ("max_pixels", "large"), ("max_pixels", True), ("allow_outside_root", 1)],

@@ -48,6 +48,13 @@ def test_explain_writes_a_png(checkpoint: Path, tiny_synth: Path, tmp_path: Path
     assert "explanation written to" in result.stdout
 
 
+@pytest.mark.fault(
+    "an image that does not decode (truncated, or not an image at all)",
+    sees="exit 2: `broken.jpg: image does not decode: not a readable image ... -> replace "
+    "the file with a good copy (re-download, dvc pull) or remove it` (the manifest adds the "
+    "listing line)",
+    kept="everything: nothing is written",
+)
 def test_predict_on_a_broken_image_names_it(checkpoint: Path, tmp_path: Path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")

@@ -258,6 +258,12 @@ def test_unreachable_host_is_one_clear_line(capsys):
     assert "--host" in lines[0] and TOKEN not in out + err
 
 
+@pytest.mark.fault(
+    "a KFP API that refuses the token or rejects the run",
+    sees="exit 2: one line naming the host and what the API said (`refused the request (HTTP "
+    "401); check --token ...`); the token never shows",
+    kept="nothing is submitted",
+)
 def test_a_rejected_run_says_what_the_api_said(kfp_api, package, capsys):
     url, state = kfp_api
     state.reject_runs = True
@@ -268,6 +274,12 @@ def test_a_rejected_run_says_what_the_api_said(kfp_api, package, capsys):
     assert "pipeline spec is invalid" in err and TOKEN not in out + err
 
 
+@pytest.mark.fault(
+    "a KFP API that refuses the token or rejects the run",
+    sees="exit 2: one line naming the host and what the API said (`refused the request (HTTP "
+    "401); check --token ...`); the token never shows",
+    kept="nothing is submitted",
+)
 def test_a_wrong_token_is_refused_without_showing_it(kfp_api, package, capsys):
     url, state = kfp_api
     state.required_token = "the-right-token"

@@ -138,6 +138,11 @@ def test_unknown_level_lists_the_valid_ones(tmp_path):
     assert "variant, family, manufacturer" in message
 
 
+@pytest.mark.fault(
+    "a listed image that does not exist",
+    sees="exit 2: `images.txt, line 5: image ... does not exist` (Cars: the .mat record)",
+    kept="everything: no manifest is written",
+)
 def test_listed_but_missing_image_names_the_list_and_line(tmp_path):
     root = make_aircraft(tmp_path / "fgvc-aircraft-2013b")
     (root / "data" / "images" / "1514522.jpg").unlink()
@@ -167,6 +172,11 @@ def test_duplicate_image_id_across_splits(tmp_path):
     assert "images_variant_train.txt, line 2" in message
 
 
+@pytest.mark.fault(
+    "a bounding box outside its image",
+    sees="exit 2: `bounding_boxes.txt, line 2: bounding box ... lies outside the ... image`",
+    kept="everything: no manifest is written",
+)
 def test_box_outside_image_names_the_box_file(tmp_path):
     root = make_aircraft(tmp_path / "fgvc-aircraft-2013b")
     box_file = root / "data" / "images_box.txt"

@@ -158,6 +158,11 @@ def test_single_record_files(tmp_path):
     assert manifest["split"].tolist() == ["train", "test"]
 
 
+@pytest.mark.fault(
+    "a dataset without one of its layout files (train_test_split.txt, the Cars test labels, ...)",
+    sees="exit 2: the missing file and the layout it belongs to, and where to get it",
+    kept="everything: no manifest is written",
+)
 def test_missing_test_labels_say_where_to_get_them(tmp_path):
     root = make_cars(tmp_path / "cars", test=None)
     assert cars.looks_like(root)
@@ -169,6 +174,12 @@ def test_missing_test_labels_say_where_to_get_them(tmp_path):
     assert str(root / "car_devkit" / "devkit") in message
 
 
+@pytest.mark.fault(
+    "a label outside the class list",
+    sees="exit 2: `image_class_labels.txt, line 7: label 9 of image '...' is outside the "
+    "class list (1..4) -> use a class id that the class list defines, or add the class`",
+    kept="everything: no manifest is written",
+)
 def test_class_id_out_of_range_names_the_record(tmp_path):
     bad = [*TRAIN[:2], ("00003.jpg", 40, 24, (5, 6, 20, 20), 197)]
     root = make_cars(tmp_path / "cars", train=bad)
@@ -179,6 +190,11 @@ def test_class_id_out_of_range_names_the_record(tmp_path):
     assert "197" in message
 
 
+@pytest.mark.fault(
+    "a listed image that does not exist",
+    sees="exit 2: `images.txt, line 5: image ... does not exist` (Cars: the .mat record)",
+    kept="everything: no manifest is written",
+)
 def test_missing_image_names_the_record(tmp_path):
     root = make_cars(tmp_path / "cars")
     (root / "cars_test" / "00002.jpg").unlink()

@@ -61,6 +61,11 @@ def test_manifest_roundtrip_and_digest(cub: Path, tmp_path: Path):
     assert manifest_digest(changed) != manifest_digest(manifest)
 
 
+@pytest.mark.fault(
+    "a manifest write that fails midway (disk full)",
+    sees="the error",
+    kept="the previous manifest, byte for byte; no half-written file beside it",
+)
 def test_failed_write_keeps_previous_manifest(cub: Path, tmp_path: Path):
     out = tmp_path / "out" / "manifest.csv"
     write_manifest(load_manifest(cub), out)
@@ -83,12 +88,22 @@ def _rewrite(path: Path, line_index: int, text: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+@pytest.mark.fault(
+    "a dataset without one of its layout files (train_test_split.txt, the Cars test labels, ...)",
+    sees="exit 2: the missing file and the layout it belongs to, and where to get it",
+    kept="everything: no manifest is written",
+)
 def test_missing_layout_file(cub: Path):
     (cub / "train_test_split.txt").unlink()
     with pytest.raises(DataError, match=r"train_test_split.txt.*\n.*CUB_200_2011"):
         load_manifest(cub, "cub")
 
 
+@pytest.mark.fault(
+    "a listed image that does not exist",
+    sees="exit 2: `images.txt, line 5: image ... does not exist` (Cars: the .mat record)",
+    kept="everything: no manifest is written",
+)
 def test_listed_image_that_does_not_exist(cub: Path):
     rel = _lines(cub / "images.txt")[4].split()[1]
     (cub / "images" / rel).unlink()
@@ -96,6 +111,13 @@ def test_listed_image_that_does_not_exist(cub: Path):
         load_manifest(cub)
 
 
+@pytest.mark.fault(
+    "an image that does not decode (truncated, or not an image at all)",
+    sees="exit 2: `broken.jpg: image does not decode: not a readable image ... -> replace "
+    "the file with a good copy (re-download, dvc pull) or remove it` (the manifest adds the "
+    "listing line)",
+    kept="everything: nothing is written",
+)
 def test_listed_image_that_does_not_decode(cub: Path):
     rel = _lines(cub / "images.txt")[2].split()[1]
     (cub / "images" / rel).write_bytes(b"this is not a jpeg")
@@ -103,29 +125,57 @@ def test_listed_image_that_does_not_decode(cub: Path):
         load_manifest(cub)
 
 
+@pytest.mark.fault(
+    "a label outside the class list",
+    sees="exit 2: `image_class_labels.txt, line 7: label 9 of image '...' is outside the "
+    "class list (1..4) -> use a class id that the class list defines, or add the class`",
+    kept="everything: no manifest is written",
+)
 def test_label_outside_the_class_list(cub: Path):
     _rewrite(cub / "image_class_labels.txt", 6, "7 9")
     with pytest.raises(DataError, match=r"image_class_labels.txt, line 7: label 9 .*1..4"):
         load_manifest(cub)
 
 
+@pytest.mark.fault(
+    "a bounding box outside its image",
+    sees="exit 2: `bounding_boxes.txt, line 2: bounding box ... lies outside the ... image`",
+    kept="everything: no manifest is written",
+)
 def test_box_outside_the_image(cub: Path):
     _rewrite(cub / "bounding_boxes.txt", 1, "2 10.0 10.0 500.0 20.0")
     with pytest.raises(DataError, match=r"bounding_boxes.txt, line 2: bounding box .* outside"):
         load_manifest(cub)
 
 
+@pytest.mark.fault(
+    "a malformed listing line",
+    sees="exit 2: `images.txt, line 4: expected at least 2 fields ...`",
+    kept="everything: no manifest is written",
+)
 def test_malformed_line(cub: Path):
     _rewrite(cub / "images.txt", 3, "4")
     with pytest.raises(DataError, match=r"images.txt, line 4: expected at least 2 fields"):
         load_manifest(cub)
 
 
+@pytest.mark.fault(
+    "an unknown --format, or a folder with no known dataset layout",
+    sees="exit 2: `unknown dataset format 'inat'` / `cannot tell the dataset layout of ...`, "
+    "with the layouts it knows and their marker files",
+    kept="everything: nothing is written",
+)
 def test_unknown_format_name(cub: Path):
     with pytest.raises(DataError, match=r"unknown dataset format 'inat'.*\n.*cub, cars"):
         load_manifest(cub, "inat")
 
 
+@pytest.mark.fault(
+    "an unknown --format, or a folder with no known dataset layout",
+    sees="exit 2: `unknown dataset format 'inat'` / `cannot tell the dataset layout of ...`, "
+    "with the layouts it knows and their marker files",
+    kept="everything: nothing is written",
+)
 def test_folder_with_no_known_layout(tmp_path: Path):
     (tmp_path / "random").mkdir()
     with pytest.raises(DataError, match="cannot tell the dataset layout"):

@@ -130,6 +130,13 @@ def test_nested_folder_in_class_is_an_error(tmp_path):
         formats.load_manifest(root)
 
 
+@pytest.mark.fault(
+    "an image that does not decode (truncated, or not an image at all)",
+    sees="exit 2: `broken.jpg: image does not decode: not a readable image ... -> replace "
+    "the file with a good copy (re-download, dvc pull) or remove it` (the manifest adds the "
+    "listing line)",
+    kept="everything: nothing is written",
+)
 def test_undecodable_image_names_the_file(tmp_path):
     root = make_imagefolder(tmp_path / "birds")
     broken = root / "test" / "Sooty_Albatross" / "h.JPG"

@@ -155,6 +155,13 @@ def test_evaluate_teacher_and_student(pipeline_outputs, tmp_path):
         assert (tmp_path / "t" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.fault(
+    "training killed mid-run (after epoch 2 of 3)",
+    sees="rerunning the same command resumes from `<out>.partial` and ends with exactly the "
+    "weights of an uninterrupted run",
+    kept="`--out` (say, yesterday's model) untouched until the last epoch; every finished "
+    "epoch in `<out>.partial`",
+)
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_synth, tmp_path):
     params = tiny_params(tiny_synth, epochs=3)
     params["train"]["attention_crop_fraction"] = 0.5
@@ -189,6 +196,13 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tiny_synth, tmp_path):
     assert [h["loss"] for h in straight["history"]] == [h["loss"] for h in resumed["history"]]
 
 
+@pytest.mark.fault(
+    "an --init checkpoint of another backbone or class count",
+    sees="exit 2: `checkpoint s1.pt was trained with backbone resnet18, but params.yaml asks "
+    "for resnet34; use the same model.backbone or start without --init` (`has 9 classes, but "
+    "the dataset has 4`)",
+    kept="everything: no output is written",
+)
 def test_incompatible_init_checkpoints_are_explained(pipeline_outputs, tiny_synth, tmp_path):
     params = copy.deepcopy(pipeline_outputs["params"])
     s1 = pipeline_outputs["dir"] / "s1.pt"
@@ -205,6 +219,12 @@ def test_incompatible_init_checkpoints_are_explained(pipeline_outputs, tiny_synt
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.fault(
+    "a truncated or corrupt checkpoint, or a student where a teacher is expected",
+    sees="exit 2: `checkpoint ... is corrupt or not a torch file (...); it was not loaded. "
+    "Re-run the step that wrote it` / `... holds a student model, expected a teacher`",
+    kept="everything: no output is written",
+)
 def test_missing_and_corrupt_checkpoints(pipeline_outputs, tmp_path):
     params = pipeline_outputs["params"]
     with pytest.raises(IagnError, match="does not exist"):
@@ -217,6 +237,12 @@ def test_missing_and_corrupt_checkpoints(pipeline_outputs, tmp_path):
         distill.run(pipeline_outputs["dir"] / "student.pt", None, params, tmp_path / "s.pt")
 
 
+@pytest.mark.fault(
+    "a NaN loss",
+    sees="exit 2: `... loss became nan at epoch 2 ...; the last good epoch (1) is kept ...`",
+    kept="the previous `--out` and its .history.json / .metrics.json byte for byte; the last "
+    "good epoch in `<out>.partial`",
+)
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_synth, tmp_path, monkeypatch):
     params = tiny_params(tiny_synth, epochs=3)
     # A finished model from an earlier run with other settings: the failed run must leave it
@@ -247,6 +273,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_synth, tmp_path,
     )
 
 
+@pytest.mark.fault(
+    "a crop too small for the jigsaw granularity",
+    sees="exit 2: `crop size 24 px is too small for a 8x8 jigsaw ...`",
+    kept="everything: training does not start",
+)
 def test_too_small_images_for_the_jigsaw(tiny_synth, tmp_path):
     params = tiny_params(tiny_synth)
     params["data"].update(resize=24, crop=24)
@@ -254,6 +285,13 @@ def test_too_small_images_for_the_jigsaw(tiny_synth, tmp_path):
         train_stage.run(1, None, params, tmp_path / "s1.pt", quiet=True)
 
 
+@pytest.mark.fault(
+    "a params.yaml key or value that is wrong (an unknown key or expectation, a level "
+    "`fatal`, a count `ten`, a non-positive max_pixels)",
+    sees="exit 2: the key and what is allowed, e.g. `params.yaml validate.expectations has "
+    "unknown names ['no_such_check']`, `train has unknown keys ['learning_rate']`",
+    kept="everything: the step does not start",
+)
 def test_unknown_params_keys_are_named(tiny_synth, tmp_path):
     params = tiny_params(tiny_synth)
     params["train"]["learning_rate"] = 0.1

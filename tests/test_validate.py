@@ -191,6 +191,14 @@ def broken(tiny_synth, tmp_path_factory):
     }
 
 
+@pytest.mark.fault(
+    "a dataset with broken content: a truncated image, a label past the class list, a class "
+    "with too few images, a test image copied into train, a box past the edge",
+    sees="exit 1: `iagn: error: data validation failed: 5 blocking expectations failed: "
+    "...`, each with the offending files (and annotation lines) and what to do; "
+    "validation.json, summary.md, Data Docs",
+    kept="the dataset; the pipeline stops before training",
+)
 def test_broken_dataset_blocks_with_exit_1(broken):
     assert broken["code"] == 1, broken["stderr"]
     document = broken["document"]
@@ -200,6 +208,14 @@ def test_broken_dataset_blocks_with_exit_1(broken):
     assert "data validation FAILED" in broken["stdout"]
 
 
+@pytest.mark.fault(
+    "a dataset with broken content: a truncated image, a label past the class list, a class "
+    "with too few images, a test image copied into train, a box past the edge",
+    sees="exit 1: `iagn: error: data validation failed: 5 blocking expectations failed: "
+    "...`, each with the offending files (and annotation lines) and what to do; "
+    "validation.json, summary.md, Data Docs",
+    kept="the dataset; the pipeline stops before training",
+)
 @pytest.mark.parametrize("name", sorted(BREAKS))
 def test_each_problem_is_named_by_its_expectation(broken, name):
     entry = by_name(broken["document"])[name]
@@ -287,6 +303,12 @@ def test_warning_level_does_not_block(tiny_synth, tmp_path):
     assert "| ⚠ | `min_image_width` | warning |" in (tmp_path / "out" / "summary.md").read_text()
 
 
+@pytest.mark.fault(
+    "`iagn validate` on a dataset whose listing cannot be read (a layout file missing)",
+    sees="exit 2 naming the file",
+    kept="the dataset; an earlier validation.json is removed on purpose, so a stale success "
+    "never passes the gate",
+)
 def test_unreadable_listing_exits_2_and_drops_a_stale_report(tiny_synth, tmp_path):
     root = copy_dataset(tiny_synth, tmp_path / "data")
     (root / "image_class_labels.txt").unlink()
@@ -304,6 +326,13 @@ def test_unreadable_listing_exits_2_and_drops_a_stale_report(tiny_synth, tmp_pat
     assert not (out / "validation.json").exists()  # no stale "success" for later steps
 
 
+@pytest.mark.fault(
+    "a params.yaml key or value that is wrong (an unknown key or expectation, a level "
+    "`fatal`, a count `ten`, a non-positive max_pixels)",
+    sees="exit 2: the key and what is allowed, e.g. `params.yaml validate.expectations has "
+    "unknown names ['no_such_check']`, `train has unknown keys ['learning_rate']`",
+    kept="everything: the step does not start",
+)
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from iagn.commands.common import input_file, output_file
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -32,6 +33,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         "itself, replaced atomically). A file holding anything but a checkpoint's data is "
         "refused.",
     )
-    convert.add_argument("old", type=Path, help="checkpoint to convert")
-    convert.add_argument("new", type=Path, nargs="?", help="file to write (default: OLD)")
+    convert.add_argument("old", type=input_file("checkpoint"), help="checkpoint to convert")
+    convert.add_argument(
+        "new", type=output_file("checkpoint"), nargs="?", help="file to write (default: OLD)"
+    )
     convert.set_defaults(handler=cmd_convert)

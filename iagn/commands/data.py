@@ -6,7 +6,14 @@ import argparse
 import os
 from pathlib import Path
 
-from iagn.commands.common import add_data_arguments, progress_bar
+from iagn.commands.common import (
+    add_data_arguments,
+    input_dir,
+    input_file,
+    output_dir,
+    output_file,
+    progress_bar,
+)
 from iagn.errors import IagnError
 
 SYNTH_OPTIONS = ("classes", "images_per_class", "size", "seed", "train_fraction")
@@ -28,6 +35,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
             raise IagnError(
                 f"params.yaml data.synth has unknown keys {unknown}; known: {sorted(known)}"
             )
+    _check_replaceable(args.out)
     # Flags given on the command line win over params.yaml.
     settings.update({k: getattr(args, k) for k in SYNTH_OPTIONS if getattr(args, k) is not None})
     config = SynthConfig(**settings)
@@ -43,6 +51,20 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         f"({config.size}px, seed {config.seed}) to {out} in CUB-200-2011 layout"
     )
     return 0
+
+
+def _check_replaceable(out: Path) -> None:
+    """`--out` is replaced: only an empty folder or an earlier synthetic dataset may be."""
+    from iagn.data.synth import PART_BOXES_FILE
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not ((out / "images.txt").is_file() and (out / PART_BOXES_FILE).is_file()):
+        raise IagnError(
+            f"--out {out} is a folder that holds something else than a synthetic dataset, and "
+            "--out is replaced as a whole; pass a new or empty folder (or remove this one "
+            "yourself if it may go)"
+        )
 
 
 def cmd_data_manifest(args: argparse.Namespace) -> int:
@@ -78,10 +100,16 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Write a synthetic fine-grained dataset whose classes differ only in the "
         "pattern of a small part, with the part's box in part_boxes.txt.",
     )
-    synth.add_argument("--out", required=True, type=Path, help="output folder (replaced)")
+    synth.add_argument(
+        "--out",
+        required=True,
+        type=output_dir("dataset"),
+        help="output folder (replaced when it holds a synthetic dataset; any other folder "
+        "that is not empty is refused)",
+    )
     synth.add_argument(
         "--params",
-        type=Path,
+        type=input_file("params"),
         default=None,
         help="take defaults from the data.synth section of this params.yaml",
     )
@@ -110,8 +138,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         "image: id, path, label, class name, split, boxes, size, content hash.",
     )
     add_data_arguments(manifest)
-    manifest.add_argument("--root", required=True, type=Path, help="dataset folder")
-    manifest.add_argument("--out", required=True, type=Path, help="manifest CSV to write")
+    manifest.add_argument("--root", required=True, type=input_dir("dataset"), help="dataset folder")
+    manifest.add_argument(
+        "--out", required=True, type=output_file("manifest"), help="manifest CSV to write"
+    )
     manifest.add_argument(
         "--level",
         choices=("variant", "family", "manufacturer"),
@@ -121,6 +151,6 @@ def register(commands: argparse._SubParsersAction) -> None:
     manifest.set_defaults(handler=cmd_data_manifest)
 
     summary = data_commands.add_parser("summary", help="print a summary of a dataset")
-    summary.add_argument("--data", required=True, type=Path, help="dataset folder")
+    summary.add_argument("--data", required=True, type=input_dir("dataset"), help="dataset folder")
     add_data_arguments(summary)
     summary.set_defaults(handler=cmd_data_summary)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from iagn.commands.common import input_dir, output_dir, output_file
 
 
 def cmd_fetch_data(args: argparse.Namespace) -> int:
@@ -38,14 +39,22 @@ def register(commands: argparse._SubParsersAction) -> None:
         "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or the repository's DVC config.",
     )
     fetch.add_argument(
-        "--repo", default="", help="git URL or local path of the project (default: .)"
+        "--repo",
+        type=input_dir("project", url_ok=True, convert=str),
+        default="",
+        help="git URL or local path of the project (default: .)",
     )
     fetch.add_argument(
         "--rev", default="", help="branch, tag or commit (default: the working copy / HEAD)"
     )
-    fetch.add_argument("--out", required=True, type=Path, help="folder for the dataset")
     fetch.add_argument(
-        "--params-out", required=True, type=Path, help="where to write the run's params.yaml"
+        "--out", required=True, type=output_dir("dataset"), help="folder for the dataset"
+    )
+    fetch.add_argument(
+        "--params-out",
+        required=True,
+        type=output_file("params"),
+        help="where to write the run's params.yaml",
     )
     fetch.add_argument(
         "--set",

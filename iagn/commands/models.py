@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from iagn.commands.common import add_data_arguments, add_params_argument, is_main_process
+from iagn.commands.common import (
+    add_data_arguments,
+    add_params_argument,
+    input_dir,
+    input_file,
+    is_main_process,
+    output_dir,
+    output_file,
+)
 from iagn.commands.train import add_device_arguments
 
 
@@ -74,10 +81,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="The teacher's two-pass combined prediction teaches a ResNet-18 or "
         "MobileNetV3 student (KD + labels). Resumes automatically from --out.",
     )
-    distill.add_argument("--teacher", type=Path, required=True, help="stage 3 checkpoint")
-    distill.add_argument("--data", type=Path, default=None, help="dataset folder")
+    distill.add_argument(
+        "--teacher", type=input_file("checkpoint"), required=True, help="stage 3 checkpoint"
+    )
+    distill.add_argument("--data", type=input_dir("dataset"), default=None, help="dataset folder")
     add_data_arguments(distill)
-    distill.add_argument("--out", type=Path, required=True, help="student checkpoint to write")
+    distill.add_argument(
+        "--out", type=output_file("checkpoint"), required=True, help="student checkpoint to write"
+    )
     add_params_argument(distill, required=False)
     add_device_arguments(distill)
     distill.set_defaults(handler=cmd_distill)
@@ -88,10 +99,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Evaluate a teacher or student checkpoint on the test split; writes "
         "metrics.json, confusion_matrix.png, reliability.png and attention_gallery.png.",
     )
-    evaluate.add_argument("--model", type=Path, required=True, help="teacher or student")
-    evaluate.add_argument("--data", type=Path, default=None, help="dataset folder")
+    evaluate.add_argument(
+        "--model", type=input_file("checkpoint"), required=True, help="teacher or student"
+    )
+    evaluate.add_argument("--data", type=input_dir("dataset"), default=None, help="dataset folder")
     add_data_arguments(evaluate)
-    evaluate.add_argument("--out", type=Path, required=True, help="output folder")
+    evaluate.add_argument(
+        "--out", type=output_dir("evaluation"), required=True, help="output folder"
+    )
     add_params_argument(evaluate, required=False)
     add_device_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
@@ -99,16 +114,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
         "predict", help="classify images; one JSON line per image (class, top-5, box)"
     )
-    predict.add_argument("images", type=Path, nargs="+", help="image files")
-    predict.add_argument("--model", type=Path, required=True, help="teacher or student")
+    predict.add_argument("images", type=input_file("image"), nargs="+", help="image files")
+    predict.add_argument(
+        "--model", type=input_file("checkpoint"), required=True, help="teacher or student"
+    )
     add_device_arguments(predict)
     predict.set_defaults(handler=cmd_predict)
 
     explain = commands.add_parser(
         "explain", help="write a PNG with the attention heatmap, class, probability and box"
     )
-    explain.add_argument("image", type=Path, help="image file")
-    explain.add_argument("--model", type=Path, required=True, help="teacher or student")
-    explain.add_argument("--out", type=Path, required=True, help="PNG to write")
+    explain.add_argument("image", type=input_file("image"), help="image file")
+    explain.add_argument(
+        "--model", type=input_file("checkpoint"), required=True, help="teacher or student"
+    )
+    explain.add_argument("--out", type=output_file("PNG"), required=True, help="PNG to write")
     add_device_arguments(explain)
     explain.set_defaults(handler=cmd_explain)

@@ -4,21 +4,42 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from iagn.commands.common import add_params_argument
+from iagn.commands.common import add_params_argument, input_dir, input_file, output_dir
 
 EXIT_GATE_FAILED = 1
+
+
+def _check_models(args: argparse.Namespace) -> None:
+    """Every checkpoint given is one of its kind and every evaluation folder holds a
+    metrics.json, before anything is registered (a bad --teacher must not stop the command
+    after the student is in the registry)."""
+    from iagn.checkpoint import load_checkpoint
+    from iagn.errors import IagnError
+
+    for kind, model, evaluation in (
+        ("student", args.student, args.student_eval),
+        ("teacher", args.teacher, args.teacher_eval),
+    ):
+        if model is not None:
+            load_checkpoint(model, kind=kind)
+        if evaluation is not None and not (evaluation / "metrics.json").is_file():
+            raise IagnError(
+                f"--{kind}-eval {evaluation} holds no metrics.json; pass the --out folder of "
+                f"`iagn evaluate --model <{kind} checkpoint>`"
+            )
 
 
 def cmd_register(args: argparse.Namespace) -> int:
     from iagn import runner
     from iagn.params import load_params
 
+    params = load_params(args.params)
+    _check_models(args)
     result = runner.register(
         student=args.student,
         student_eval=args.student_eval,
-        params=load_params(args.params),
+        params=params,
         teacher=args.teacher,
         teacher_eval=args.teacher_eval,
         out=args.out,
@@ -52,10 +73,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     name = args.name
     if not name:
-        from iagn.params import load_params
+        from iagn.params import DEFAULT_PARAMS, load_params
         from iagn.steps.register import register_config
 
-        name = register_config(load_params(args.params)).model_name
+        # Outside a project (no ./params.yaml, no --params): register.model_name's default.
+        params = {}
+        if args.params is not None or DEFAULT_PARAMS.is_file():
+            params = load_params(args.params or DEFAULT_PARAMS)
+        name = register_config(params).model_name
     uri = tracking.configure()
     with tracking.mlflow_errors(uri):
         client = mlflow.MlflowClient()
@@ -84,16 +109,26 @@ def register(commands: argparse._SubParsersAction) -> None:
         "Exit code: 0 registered (or already registered), 1 the student failed the gate, 2 an "
         "input or MLflow error.",
     )
-    parser.add_argument("--student", type=Path, required=True, help="student checkpoint")
+    parser.add_argument(
+        "--student", type=input_file("checkpoint"), required=True, help="student checkpoint"
+    )
     parser.add_argument(
         "--student-eval",
-        type=Path,
+        type=input_dir("evaluation"),
         required=True,
         help="folder with the student's metrics.json (the --out of `iagn evaluate`)",
     )
-    parser.add_argument("--teacher", type=Path, help="teacher (stage 3) checkpoint")
-    parser.add_argument("--teacher-eval", type=Path, help="folder with the teacher's metrics.json")
-    parser.add_argument("--out", type=Path, help="folder for register.json (the decisions)")
+    parser.add_argument(
+        "--teacher", type=input_file("checkpoint"), help="teacher (stage 3) checkpoint"
+    )
+    parser.add_argument(
+        "--teacher-eval",
+        type=input_dir("evaluation"),
+        help="folder with the teacher's metrics.json",
+    )
+    parser.add_argument(
+        "--out", type=output_dir("decisions"), help="folder for register.json (the decisions)"
+    )
     add_params_argument(parser, required=False)
     parser.set_defaults(handler=cmd_register)
 
@@ -105,5 +140,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         "pipeline run and creation time. Reads MLFLOW_TRACKING_URI (default: ./mlflow.db).",
     )
     models.add_argument("--name", help="registered model (default: register.model_name)")
-    add_params_argument(models, required=False)
+    models.add_argument(
+        "--params",
+        type=input_file("params"),
+        default=None,
+        help="params.yaml whose register.model_name to list (default: ./params.yaml when there "
+        "is one, else the default name iagn)",
+    )
     models.set_defaults(handler=cmd_models)

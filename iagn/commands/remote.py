@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from iagn.commands.common import input_dir
+
 
 def cmd_remote(args: argparse.Namespace) -> int:
     from iagn.dvc_remote import configured_remote, transfer
+    from iagn.errors import IagnError
 
+    folder = args.project.absolute()
+    if not any((above / ".dvc").is_dir() for above in (folder, *folder.parents)):
+        raise IagnError(
+            f"{args.project} is not in a DVC project (no .dvc folder in it or above it); run "
+            "the command in the project's folder or pass it with --project (`dvc init` makes "
+            "a new one)"
+        )
     remote = configured_remote(args.project, args.remote)
     shown = remote.describe() if remote else f"DVC remote {args.remote or '(default)'}"
     if not args.quiet:
@@ -46,7 +56,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         )
         parser.add_argument("-j", "--jobs", type=int, default=None, help="parallel transfers")
         parser.add_argument(
-            "--project", type=Path, default=Path("."), help="the DVC project folder (default: .)"
+            "--project",
+            type=input_dir("DVC project"),
+            default=Path("."),
+            help="the DVC project folder (default: .)",
         )
         parser.add_argument("--quiet", action="store_true", help="print nothing on success")
         parser.set_defaults(handler=cmd_remote)

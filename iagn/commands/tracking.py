@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from iagn.commands.common import input_path
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    import fnmatch
+
     from iagn import runner
     from iagn.errors import IagnError
     from iagn.tracking import configure
     from iagn.tracking.spool import SPOOL_GLOB, describe, find_spools, replay
 
+    for item in args.spool:  # a file named on the command line is removed once sent
+        if item.is_file() and not fnmatch.fnmatch(item.name, SPOOL_GLOB):
+            raise IagnError(
+                f"{item} is not a spool file (its name is not {SPOOL_GLOB}); pass the spool "
+                "file the step named, or the folder that holds it"
+            )
     spools = find_spools(args.spool)
     if not spools:
         raise IagnError(f"no spool files ({SPOOL_GLOB}) in {', '.join(map(str, args.spool))}")
     uri = configure(check=False)  # an unreachable server is reported per spool, kept intact
     for path in spools:
-        done = replay(path, handlers={"model": runner.send_model})
+        try:
+            done = replay(path, handlers={"model": runner.send_model})
+        except UnicodeDecodeError:
+            raise IagnError(f"{path} is not a spool file (not text); it is kept as it is") from None
         runs = ", ".join(f"{run_id} ({step})" for run_id, step in done["runs"].items())
         print(f"sent to {uri}, run {runs}: {describe(done['sent'])}; {path} removed")
         for message in done["skipped"]:
@@ -45,5 +57,5 @@ def register(commands: argparse._SubParsersAction) -> None:
         "is removed; if the server still does not answer, what is left stays in the file "
         "(exit code 2) and the same command sends it later.",
     )
-    replay.add_argument("spool", type=Path, nargs="+", help="spool file or folder")
+    replay.add_argument("spool", type=input_path("spool"), nargs="+", help="spool file or folder")
     replay.set_defaults(handler=cmd_replay)

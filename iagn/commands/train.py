@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from iagn.commands.common import add_data_arguments, add_params_argument, is_main_process
+from iagn.commands.common import (
+    add_data_arguments,
+    add_params_argument,
+    device_argument,
+    input_dir,
+    input_file,
+    is_main_process,
+    output_file,
+)
 
 
 def cmd_train_stage(args: argparse.Namespace) -> int:
@@ -37,7 +44,10 @@ def cmd_train_stage(args: argparse.Namespace) -> int:
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ..."
+        "--device",
+        type=device_argument,
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda, cuda:1, ...",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -52,11 +62,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
     parser.add_argument(
-        "--data", type=Path, default=None, help="dataset folder (default: params data.root)"
+        "--data",
+        type=input_dir("dataset"),
+        default=None,
+        help="dataset folder (default: params data.root)",
     )
     add_data_arguments(parser)
-    parser.add_argument("--init", type=Path, help="checkpoint of the previous stage")
-    parser.add_argument("--out", type=Path, required=True, help="checkpoint to write")
+    parser.add_argument(
+        "--init", type=input_file("checkpoint"), help="checkpoint of the previous stage"
+    )
+    parser.add_argument(
+        "--out", type=output_file("checkpoint"), required=True, help="checkpoint to write"
+    )
     add_params_argument(parser, required=False)
     add_device_arguments(parser)
     parser.set_defaults(handler=cmd_train_stage)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from iagn.commands.common import add_data_arguments, add_params_argument, progress_bar
+from iagn.commands.common import (
+    add_data_arguments,
+    add_params_argument,
+    input_dir,
+    output_dir,
+    progress_bar,
+)
 
 EXIT_BLOCKED = 1
 
@@ -76,14 +81,17 @@ def register(commands: argparse._SubParsersAction) -> None:
         "dataset or params could not be read.",
     )
     parser.add_argument(
-        "--data", required=True, type=Path, help="dataset folder (any supported layout)"
+        "--data",
+        required=True,
+        type=input_dir("dataset"),
+        help="dataset folder (any supported layout)",
     )
     add_data_arguments(parser)
     add_params_argument(parser, required=True)
     parser.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=output_dir("validation report"),
         help="folder for validation.json, summary.md and data_docs/ (created if needed; "
         "these outputs are replaced)",
     )

@@ -50,11 +50,23 @@ def is_url(repo: str) -> bool:
     return "://" in repo or bool(re.match(r"^[\w.-]+@[\w.-]+:", repo))  # scp-like git@host:x
 
 
+def local_folder(repo: str) -> Path:
+    """`repo` as a local folder (not a URL); an IagnError when there is no such folder."""
+    folder = Path(repo or ".")
+    if not folder.is_dir():
+        problem = "is a file" if folder.exists() else "does not exist"
+        raise IagnError(
+            f"the project repository {repo} {problem}; pass the project's folder (with "
+            "params.yaml and data.dvc) or its git URL as data_repo / --repo"
+        )
+    return folder.resolve()
+
+
 def working_copy(repo: str, revision: str) -> Path | None:
     """The local folder to use as it is, or None when the source is a git revision."""
     if revision or is_url(repo):
         return None
-    return Path(repo or ".").resolve()
+    return local_folder(repo)
 
 
 def _git(args: list[str], cwd: Path | None, timeout: int = GIT_TIMEOUT_S):
@@ -79,12 +91,12 @@ def resolve_revision(repo: str, rev: str) -> str:
         return rev
     wanted = rev or "HEAD"
     if not is_url(repo):  # a local repository: rev-parse understands every revision syntax
-        done = _git(["rev-parse", "--verify", f"{wanted}^{{commit}}"], Path(repo), 60)
+        done = _git(["rev-parse", "--verify", f"{wanted}^{{commit}}"], local_folder(repo), 60)
         if done.returncode == 0:
             return done.stdout.strip()
         raise IagnError(
-            f"revision {wanted!r} is not in the git repository {repo}: {_last_line(done)}; "
-            "pass a branch, tag or commit of it as data_rev"
+            f"revision {wanted!r} is not in the git repository {repo or '.'}: "
+            f"{_last_line(done)}; pass a branch, tag or commit of it as data_rev"
         )
     done = _git(["ls-remote", "--", repo, wanted], None)
     if done.returncode != 0:
@@ -186,7 +198,7 @@ def _dvc_get(repo: Path, path: str, revision: str, out: Path, shown: str) -> Non
 def _git_folder(repo: str, tmp: Path) -> Path:
     """A local repository to read from: `repo` itself, or one clone of a URL (blobs lazily)."""
     if not is_url(repo):
-        return Path(repo).resolve()
+        return local_folder(repo)
     clone = tmp / "repo"
     done = _git(
         ["clone", "--quiet", "--filter=blob:none", "--no-checkout", "--", repo, str(clone)], None
