@@ -166,6 +166,27 @@ def engine_tag(base_url: str, image: str) -> str:
     return found.tags[0] if found.tags else wanted
 
 
+def check_runs(base_url: str, image: str) -> None:
+    """One trivial container of `image`, as the tasks will run: an engine that answers but
+    cannot start containers (runtime, ulimits, storage) says so here, not as a traceback
+    from inside kfp.local."""
+    import docker
+
+    client = docker.DockerClient(base_url=base_url, timeout=300)
+    try:
+        client.containers.run(
+            image, ["true"], remove=True, network_mode="host", user=str(CONTAINER_USER)
+        )
+    except docker.errors.DockerException as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise IagnError(
+            f"the container engine at {base_url} cannot run a container of {image} "
+            f"({lines[-1][:300]}): {SETUP_HINT}"
+        ) from None
+    finally:
+        client.close()
+
+
 def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["git", *args], cwd=cwd, capture_output=True, text=True, check=False, timeout=60
@@ -231,6 +252,7 @@ def prepare(image: str, pipeline_root: Path, arguments: dict[str, Any], key: str
     """Check the engine and the image, and say what the containers get."""
     base_url, engine = docker_api()
     tag = engine_tag(base_url, image)
+    check_runs(base_url, tag)
     arguments = dict(arguments)
     run = ContainerRun(base_url, engine, tag, arguments)
 

@@ -238,9 +238,9 @@ def test_the_dag_runs_in_containers_to_a_registered_champion(
     logged = logged if logged.is_absolute() else project / logged
     assert logged.read_text().count(f"Found image '{image}'") == 11  # every task, no pull
 
-    client = mlflow_server.client()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    tracking = mlflow_server.client()
+    experiment = tracking.get_experiment_by_name(EXPERIMENT)
+    runs = tracking.search_runs([experiment.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("iagn.role") == "pipeline"]
     assert len(parents) == 1
     parent = parents[0]
@@ -258,7 +258,7 @@ def test_the_dag_runs_in_containers_to_a_registered_champion(
     assert re.fullmatch(r"[0-9a-f]{40}", env["IAGN_GIT_COMMIT"])
     assert steps["distill"].data.tags["iagn.git_commit"] == env["IAGN_GIT_COMMIT"]
     assert steps["train-stage-1"].data.tags["iagn.dvc_data_version"].endswith(".dir")
-    version = client.get_model_version_by_alias(MODEL, "champion")
+    version = tracking.get_model_version_by_alias(MODEL, "champion")
     assert version.run_id == steps["distill"].info.run_id
 
     # The outputs were written by the image's user, in the mounted pipeline root.
