@@ -97,6 +97,14 @@ def assert_partial_matches(partial: Path, epoch: int, batch: int, world_size: in
     return saved
 
 
+@pytest.mark.fault(
+    "SIGTERM during training (a preempted node, `kubectl delete pod`, a DVC or KFP stop), "
+    "also under torchrun",
+    sees="exit code 143: `stopped by SIGTERM after epoch E batch B; saved out/s1.pt.partial; "
+    "rerun the same command to resume`; every torchrun rank stops at the same batch",
+    kept="`--out` untouched; the epoch in progress up to that batch in `<out>.partial`; the "
+    "rerun ends bit for bit as an uninterrupted run",
+)
 def test_sigterm_saves_mid_epoch_and_the_rerun_ends_bit_identical(
     tiny_synth, tmp_path, monkeypatch, capsys, straight
 ):
@@ -165,6 +173,14 @@ def sigterm_after_first_epoch(proc: subprocess.Popen, partial: Path) -> float:
     return time.monotonic() - sent
 
 
+@pytest.mark.fault(
+    "SIGTERM during training (a preempted node, `kubectl delete pod`, a DVC or KFP stop), "
+    "also under torchrun",
+    sees="exit code 143: `stopped by SIGTERM after epoch E batch B; saved out/s1.pt.partial; "
+    "rerun the same command to resume`; every torchrun rank stops at the same batch",
+    kept="`--out` untouched; the epoch in progress up to that batch in `<out>.partial`; the "
+    "rerun ends bit for bit as an uninterrupted run",
+)
 def test_sigterm_to_train_stage_exits_143_and_the_rerun_resumes(tiny_synth, tmp_path, straight):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(preempt_params(tiny_synth)))
     command = [BIN / "iagn", "train-stage", "--stage", "1", "--params", "params.yaml"]
@@ -236,6 +252,14 @@ def torchrun(tmp_path: Path, *entry: str) -> list:
     ]
 
 
+@pytest.mark.fault(
+    "SIGTERM during training (a preempted node, `kubectl delete pod`, a DVC or KFP stop), "
+    "also under torchrun",
+    sees="exit code 143: `stopped by SIGTERM after epoch E batch B; saved out/s1.pt.partial; "
+    "rerun the same command to resume`; every torchrun rank stops at the same batch",
+    kept="`--out` untouched; the epoch in progress up to that batch in `<out>.partial`; the "
+    "rerun ends bit for bit as an uninterrupted run",
+)
 def test_sigterm_to_torchrun_stops_every_rank_at_the_same_batch(tiny_synth, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(preempt_params(tiny_synth)))
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)

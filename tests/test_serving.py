@@ -114,6 +114,13 @@ def test_a_real_image_gets_class_probability_top5_and_box(scoring_server, tracke
 MARKER = "QZV-PAYLOAD-MARKER-5190"
 
 
+@pytest.mark.fault(
+    "a served request with bad input: no `image` or `array`, bad base64, bytes that are not "
+    "an image, an array of the wrong shape, a body that is not JSON, a wrong content type",
+    sees="HTTP 400 (415 for the content type) with the row, the column and what to send; no "
+    "stack trace, and the payload is never quoted back",
+    kept="the server goes on serving",
+)
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -157,6 +164,13 @@ def test_the_models_errors_never_quote_the_payload_under_either_server(scoring_s
     assert json.loads(answer)["message"].startswith(("row 0: ", "the input has")), answer
 
 
+@pytest.mark.fault(
+    "a served request with bad input: no `image` or `array`, bad base64, bytes that are not "
+    "an image, an array of the wrong shape, a body that is not JSON, a wrong content type",
+    sees="HTTP 400 (415 for the content type) with the row, the column and what to send; no "
+    "stack trace, and the payload is never quoted back",
+    kept="the server goes on serving",
+)
 def test_a_body_that_is_not_json_is_not_quoted_back(scoring_server):
     url, server = scoring_server
     status, answer = post(url, f"this is not json {MARKER}")

@@ -354,6 +354,12 @@ def test_health_and_a_prediction(server, project):
     assert second["class_id"] == first["class_id"]
 
 
+@pytest.mark.fault(
+    "a served request whose image declares 20000 x 20000 pixels (a 48 KB PNG)",
+    sees="HTTP 400: `row 0: image (48,685 bytes) is too large: 20000 x 20000 = 400,000,000 "
+    "pixels, above the limit data.max_pixels = ...; send a copy downscaled ...`",
+    kept="the server's memory (no pixel decoded); the server goes on serving",
+)
 @pytest.mark.parametrize(
     ("make", "size"),
     [(lambda: bomb_png(20000, 20000), "20000 x 20000"), (lambda: bomb_jpeg(13000, 13000), None)],
@@ -380,6 +386,13 @@ def test_a_small_file_declaring_a_huge_image_gets_400_and_no_memory(server, make
         assert response.status == 200
 
 
+@pytest.mark.fault(
+    "a request body over the server's limit (declared by Content-Length, or chunked)",
+    sees="HTTP 413 REQUEST_TOO_LARGE: `the request body is ... bytes, above this server's "
+    "limit of ...; send fewer or smaller images per request, or start the server with a "
+    "larger --max-body-mb`",
+    kept="the body is never read whole; the connection is closed; the server goes on serving",
+)
 def test_a_declared_body_over_the_limit_gets_413_before_it_is_sent(server):
     connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=20)
     connection.putrequest("POST", "/invocations")
@@ -394,6 +407,13 @@ def test_a_declared_body_over_the_limit_gets_413_before_it_is_sent(server):
     assert "10,000,000,000 bytes" in answer["message"] and "--max-body-mb" in answer["message"]
 
 
+@pytest.mark.fault(
+    "a request body over the server's limit (declared by Content-Length, or chunked)",
+    sees="HTTP 413 REQUEST_TOO_LARGE: `the request body is ... bytes, above this server's "
+    "limit of ...; send fewer or smaller images per request, or start the server with a "
+    "larger --max-body-mb`",
+    kept="the body is never read whole; the connection is closed; the server goes on serving",
+)
 def test_a_chunked_body_gets_413_once_it_passes_the_limit(server):
     connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=20)
     connection.putrequest("POST", "/invocations")
@@ -443,6 +463,13 @@ def _bad_bodies() -> list[tuple[str, str | bytes, str]]:
     ]
 
 
+@pytest.mark.fault(
+    "a served request with bad input: no `image` or `array`, bad base64, bytes that are not "
+    "an image, an array of the wrong shape, a body that is not JSON, a wrong content type",
+    sees="HTTP 400 (415 for the content type) with the row, the column and what to send; no "
+    "stack trace, and the payload is never quoted back",
+    kept="the server goes on serving",
+)
 @pytest.mark.parametrize(
     ("body", "expected"), [case[1:] for case in _bad_bodies()], ids=[c[0] for c in _bad_bodies()]
 )
@@ -454,6 +481,13 @@ def test_error_messages_say_what_is_wrong_and_never_quote_the_payload(server, bo
     assert expected in json.loads(answer)["message"], answer
 
 
+@pytest.mark.fault(
+    "a served request with bad input: no `image` or `array`, bad base64, bytes that are not "
+    "an image, an array of the wrong shape, a body that is not JSON, a wrong content type",
+    sees="HTTP 400 (415 for the content type) with the row, the column and what to send; no "
+    "stack trace, and the payload is never quoted back",
+    kept="the server goes on serving",
+)
 def test_an_unsupported_content_type_is_not_quoted_back(server):
     status, answer = post(server["url"], "x", content_type=f"text/{MARKER}")
     assert status == 415 and MARKER not in answer and "application/json" in answer

@@ -195,6 +195,13 @@ def test_no_secret_appears_in_anything_logged(mlflow_server, tracked_pipeline):
     assert any(mlflow_server.url in text for text in tracked_pipeline.logs)
 
 
+@pytest.mark.fault(
+    "an MLflow tracking server that is unreachable when a step starts",
+    sees="exit 2 within seconds: `the MLflow tracking server http://... is unreachable "
+    "(...); start it, fix MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI ...`; no "
+    "password shown",
+    kept="everything: the step does not start",
+)
 def test_an_unreachable_server_is_a_clear_error(tracked_pipeline):
     port = free_port()  # nothing listens here
     result = iagn(

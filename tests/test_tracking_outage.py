@@ -244,6 +244,14 @@ def first(lines: list[tuple[float, str]], text: str) -> tuple[float, str]:
     return found[0]
 
 
+@pytest.mark.fault(
+    "the MLflow tracking server dies while a step trains (SIGKILL after epoch 1 of 3)",
+    sees="one warning, `the MLflow tracking server ... does not answer ...`, naming the "
+    "spool file; training finishes, exit 0; at the end what is missing and the `iagn "
+    "tracking replay SPOOL` command that sends it",
+    kept="every epoch's metrics, the tags, artifacts, dataset, model and the run's end in "
+    "`<out>.mlflow-spool-<run>.jsonl` until sent; the checkpoint as always",
+)
 def test_a_killed_server_does_not_stop_training(server, tiny_synth, tmp_path):
     server.ensure_running()
     project = tmp_path / "project"
@@ -327,6 +335,12 @@ def test_a_killed_server_does_not_stop_training(server, tiny_synth, tmp_path):
 # --- the S3 store behind the server stopped while a step logs artifacts ------------------------
 
 
+@pytest.mark.fault(
+    "the tracking server's S3 artifact store stops while a step logs its artifacts",
+    sees="a warning naming the artifact store behind the tracking server and the spool file; "
+    "the step succeeds; `iagn tracking replay` sends the artifacts later",
+    kept="the step's outputs; the artifacts to send, in the spool",
+)
 def test_a_stopped_artifact_store_does_not_stop_a_step(
     server, tracked_here, tiny_synth, tmp_path, monkeypatch, capsys
 ):
