@@ -138,6 +138,7 @@ SKIPPED = {
     "make image IMAGE=localhost/iagn:dev": "builds the image; tests/test_container.py",
     "iagn-pipeline run-local --runner docker --image localhost/iagn:dev --param "
     "stage3.epochs=2": "the whole DAG in containers (an engine, minutes); tests/test_container.py",
+    "iagn-pipeline run-local --runner docker --image localhost/iagn:dev": "as above",
     "BASE_IMAGE=localhost/iagn-base:3.11-bookworm make image": "builds the image",
     "docker run --rm --network host -e MLFLOW_TRACKING_URI=http://mlflow.example:5000 -e "
     "MLFLOW_TRACKING_USERNAME -e MLFLOW_TRACKING_PASSWORD -e MLFLOW_S3_ENDPOINT_URL -e "
