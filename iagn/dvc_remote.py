@@ -7,22 +7,40 @@ which setting fixes it (the remote's `url`, `endpointurl`, `access_key_id` /
 `make data` and the fetch-data step go through here.
 
 DVC runs as `sys.executable -m dvc`: the DVC of the running environment, whatever PATH says.
+
+An S3 server that goes down during a transfer does not stop DVC: it tries every remaining
+file with its retries and back-off (s3fs and botocore, tens of seconds a file), which for
+a dataset of thousands of files means hours of silence before one error at the end. So
+`transfer` watches the remote's endpoint (`endpointurl`, else AWS_ENDPOINT_URL; nothing to
+watch for AWS itself) while DVC runs: a TCP connection every PROBE_EVERY_S seconds; when
+none has succeeded for IAGN_REMOTE_OUTAGE_S seconds (default 60), DVC is stopped and the
+error names the remote and its endpoint. Running the same command again once the server is
+back transfers what is missing (DVC skips what the remote already has).
 """
 
 from __future__ import annotations
 
 import configparser
+import contextlib
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from iagn.errors import IagnError
 from iagn.redact import scrub_text
 
 DVC_TIMEOUT_S = 3600
+ENV_OUTAGE_S = "IAGN_REMOTE_OUTAGE_S"
+DEFAULT_OUTAGE_S = 60.0
+PROBE_EVERY_S = 2.0
 QUIET_ENV = {"DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
 _SECTION = re.compile(r"^'?remote\s+\"(?P<name>[^\"]+)\"'?$")
 
@@ -172,6 +190,100 @@ def run_dvc(
     return run_quietly([sys.executable, "-m", "dvc", *args], cwd, timeout)
 
 
+def _outage_s() -> float:
+    raw = os.environ.get(ENV_OUTAGE_S, "")
+    try:
+        value = float(raw) if raw else DEFAULT_OUTAGE_S
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise IagnError(f"{ENV_OUTAGE_S}={raw!r} must be a number of seconds > 0 (default 60)")
+    return value
+
+
+def _address(endpoint: str) -> tuple[str, int] | None:
+    """(host, port) of an endpoint URL such as http://minio:9000; None when it names none."""
+    try:
+        parts = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return (parts.hostname, port) if parts.hostname else None
+
+
+def _answers(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=PROBE_EVERY_S):
+            return True
+    except OSError:
+        return False
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End DVC and its children (it runs in a session of its own)."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=wait)
+            return
+
+
+@dataclass
+class Watched:
+    result: subprocess.CompletedProcess
+    stopped_after_s: float  # how long the endpoint was down when DVC was stopped; 0: it ended
+    ever_up: bool  # the endpoint accepted a connection at some point
+
+
+def _run_watched(
+    args: list[str], cwd, address: tuple[str, int] | None, outage_s: float, timeout: int
+) -> Watched:
+    """`dvc ARGS`; stopped when `address` accepts no connection for `outage_s` seconds."""
+    argv = [sys.executable, "-m", "dvc", *args]
+    # Files, not pipes: DVC's output never fills a buffer while we wait.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env={**os.environ, **QUIET_ENV},
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,  # so that _stop reaches its worker processes too
+        )
+        deadline, down_since, stopped_after = time.monotonic() + timeout, None, 0.0
+        # Probed at once too: a server that fails within the first pause was up before.
+        ever_up = address is not None and _answers(address)
+        try:
+            while True:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=PROBE_EVERY_S)
+                    break
+                now = time.monotonic()
+                if now > deadline:
+                    raise IagnError(
+                        f"`dvc {args[0]}` did not finish within {timeout} s; run it again "
+                        "(what was transferred is kept)"
+                    )
+                if address is None:
+                    continue
+                if _answers(address):
+                    down_since, ever_up = None, True
+                    continue
+                down_since = down_since or now
+                if now - down_since >= outage_s:
+                    stopped_after = now - down_since
+                    break
+        finally:
+            if process.poll() is None:
+                _stop(process)
+        out.seek(0)
+        err.seek(0)
+        result = subprocess.CompletedProcess(argv, process.returncode, out.read(), err.read())
+    return Watched(result, stopped_after, ever_up)
+
+
 def transfer(
     operation: str,
     project: str | os.PathLike = ".",
@@ -180,17 +292,35 @@ def transfer(
     jobs: int | None = None,
 ) -> str:
     """`dvc push|pull|fetch|status --cloud` with the remote; returns DVC's output, raises an
-    IagnError that names the setting to fix when the remote fails."""
+    IagnError that names the setting to fix when the remote fails or goes down."""
     if operation not in ("push", "pull", "fetch", "status"):
         raise ValueError(f"unknown DVC remote operation {operation!r}")
     args = [operation, *(["--cloud"] if operation == "status" else [])]
     args += ["--remote", remote] if remote else []
     args += ["--jobs", str(jobs)] if jobs else []
-    done = run_dvc([*args, *(targets or [])], project)
-    output = done.stdout + done.stderr
+    described = configured_remote(project, remote)
+    if described is None and remote:
+        described = Remote(remote)
+    endpoint = (described.endpoint if described else "") or os.environ.get("AWS_ENDPOINT_URL", "")
+    address = _address(endpoint) if endpoint else None
+    outage_s = _outage_s()
+    watched = _run_watched([*args, *(targets or [])], project, address, outage_s, DVC_TIMEOUT_S)
+    done = watched.result
+    if watched.stopped_after_s and address is not None:
+        where = f"{address[0]}:{address[1]}"
+        if not watched.ever_up:  # down from the start: the endpoint or the server is wrong
+            said = f"Could not connect to the endpoint URL: no connection to {where}"
+            raise IagnError(f"`dvc {operation}` stopped: " + explain_failure(said, described))
+        shown = described.describe() if described else f"the DVC remote at {endpoint}"
+        raise IagnError(
+            f"`dvc {operation}` stopped: {shown} went down during the transfer (no connection "
+            f"to {where} for {watched.stopped_after_s:.0f} s)\n"
+            "  -> once the S3 server is up again, run the same command again: DVC transfers "
+            f"only what is missing ({ENV_OUTAGE_S}, now {outage_s:g} s, is how long an "
+            "outage is waited out)"
+        )
     if done.returncode != 0:
-        described = configured_remote(project, remote)
-        if described is None and remote:
-            described = Remote(remote)
-        raise IagnError(f"`dvc {operation}` failed: " + explain_failure(output, described))
+        raise IagnError(
+            f"`dvc {operation}` failed: " + explain_failure(done.stdout + done.stderr, described)
+        )
     return scrub_text(done.stdout)

@@ -254,7 +254,7 @@ def _register_one(run: tracking.StepRun, client, config, kind: str, path: Path, 
     """The gate, then (if passed) the registry, for one checkpoint: the outcome as a dict."""
     from iagn.checkpoint import load_checkpoint
     from iagn.io import sha256_file
-    from iagn.registry import find_logged_model
+    from iagn.registry import find_logged_model, weights_sha256
     from iagn.steps import register as step
 
     checkpoint = load_checkpoint(path, kind=kind)
@@ -266,7 +266,15 @@ def _register_one(run: tracking.StepRun, client, config, kind: str, path: Path, 
     with tracking.mlflow_errors(run.uri):
         logged = find_logged_model(client, run.experiment_id, sha)
     if logged is None:  # trained untracked or elsewhere: log it here
-        logged = _log_model(run, checkpoint, path, kind, sha)
+        try:
+            logged = _log_model(run, checkpoint, path, kind, sha)
+        except IagnError as exc:
+            # Uploading the model is where an artifact store (S3) that is down shows first.
+            raise IagnError(
+                f"could not log the {kind} model {path} to the artifact store of {run.uri}, so "
+                f"nothing was registered: {exc}\n  -> once the artifact store answers, run "
+                "`iagn register` again (registering is idempotent)"
+            ) from None
     candidate = step.Candidate(
         kind=kind,
         model_uri=logged.model_uri,
@@ -275,6 +283,7 @@ def _register_one(run: tracking.StepRun, client, config, kind: str, path: Path, 
         checkpoint_sha256=sha,
         metrics=metrics,
         tags={k: v for k, v in provenance_tags().items() if k.startswith("iagn.")},
+        weights_sha256=weights_sha256(checkpoint["model_state"]),
     )
     with tracking.mlflow_errors(run.uri):
         return step.register(client, candidate, config, run.pipeline_run_id).to_dict()
@@ -292,7 +301,8 @@ def register(
     """Gate, then register the student (and the teacher) in a `register` run.
 
     Returns {"passed", "outcomes": [per model: kind, model_name, gate_passed,
-    gate_failures, version, already_registered, champion, reason]}; also written to
+    gate_failures, version, already_registered, champion, reason (the promotion decision,
+    also tagged `iagn.promotion` on the version), compared_with]}; also written to
     `out`/register.json when `out` is given. `passed` is False when the student failed the
     gate; the run is then marked FAILED (blocked).
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
@@ -16,9 +18,10 @@ from mlflow_server import (
     tracked_pipeline,
 )
 
-from iagn import runner, tracking
+from iagn import registry, runner, tracking
 from iagn.checkpoint import load_checkpoint, save_checkpoint
 from iagn.errors import IagnError
+from iagn.io import sha256_file
 from iagn.steps import register as step
 
 __all__ = ["mlflow_server", "tracked_pipeline"]  # fixtures used by the tests below
@@ -38,10 +41,16 @@ def test_the_pipeline_registered_student_and_teacher(mlflow_server, tracked_pipe
     assert set(student.aliases) == {"champion", "challenger"}
     written = json.loads(tracked_pipeline.path("build/eval/student/metrics.json").read_text())
     tags = student.tags
-    assert float(tags["top1"]) == pytest.approx(written["top1"], abs=1e-5)
-    assert float(tags["pointing_game"]) == pytest.approx(written["pointing_game"], abs=1e-5)
-    assert float(tags["latency_ms"]) == pytest.approx(written["latency_ms"], rel=1e-4)
+    # Exactly the evaluated numbers (no rounding): what the champion comparison reads.
+    for metric in ("top1", "pointing_game", "latency_ms", "ece"):
+        assert float(tags[metric]) == written[metric], metric
     assert tags["iagn.kind"] == "student"
+    assert tags[registry.TAG_EVAL_DIGEST] == written["data_digest"]
+    assert tags[registry.TAG_EVAL_SPLIT] == written["split"] == "test"
+    checkpoint = load_checkpoint(tracked_pipeline.path("build/student.pt"))
+    assert tags[registry.TAG_WEIGHTS] == registry.weights_sha256(checkpoint["model_state"])
+    assert tags[registry.TAG_PROMOTION] == "promoted: there was no champion"
+    assert "promoted: there was no champion" in student.description
     # The source run is the distill run that logged the model, in the pipeline's parent.
     source = client.get_run(student.run_id)
     assert source.data.tags[tracking.TAG_STEP] == "distill"
@@ -52,6 +61,7 @@ def test_the_pipeline_registered_student_and_teacher(mlflow_server, tracked_pipe
     assert "top1_two_pass" in teacher.tags
     decisions = json.loads(tracked_pipeline.path("build/register/register.json").read_text())
     assert decisions["passed"] and [o["version"] for o in decisions["outcomes"]] == ["1", "1"]
+    assert decisions["outcomes"][0]["reason"] == "there was no champion"
 
 
 def test_registering_the_same_pipeline_run_again_creates_no_version(
@@ -102,10 +112,16 @@ def test_a_model_that_fails_the_gate_is_not_registered(mlflow_server, tracked_pi
     assert runs[0].info.status == "FAILED"
 
 
-def _candidate(pipeline, tmp_path: Path, name: str, **changes: float) -> tuple[Path, Path]:
-    """A copy of the student (new file, same weights) and its evaluation with `changes`."""
+def _candidate(
+    pipeline, tmp_path: Path, name: str, same_weights: bool = False, **changes: float | str
+) -> tuple[Path, Path]:
+    """A copy of the student (new file; weights nudged unless `same_weights`) and its
+    evaluation with `changes`."""
     checkpoint = load_checkpoint(pipeline.path("build/student.pt"))
     checkpoint["note"] = name  # another checkpoint file: another sha256
+    if not same_weights:  # another model, as far as the registry can tell
+        weight = next(t for t in checkpoint["model_state"].values() if t.is_floating_point())
+        weight[(0,) * weight.dim()] += (zlib.crc32(name.encode()) % 1000 + 1) * 1e-6
     path = tmp_path / f"{name}.pt"
     save_checkpoint(path, checkpoint)
     evaluation = tmp_path / f"{name}-eval"
@@ -114,6 +130,83 @@ def _candidate(pipeline, tmp_path: Path, name: str, **changes: float) -> tuple[P
     metrics.update(changes)
     (evaluation / "metrics.json").write_text(json.dumps(metrics))
     return path, evaluation
+
+
+@pytest.mark.fault(
+    "an identical model registered again (the same deterministic training rerun: another file, "
+    "the same weights; or the same numbers)",
+    sees="a new version with the alias challenger only, and on it, in register.json and "
+    "printed: `not promoted: identical to the champion (version N): the same weights` (or "
+    "`top1 ... ties with the champion's; a tie never promotes`)",
+    kept="the champion alias",
+)
+def test_an_identical_model_never_replaces_the_champion(
+    mlflow_server, tracked_pipeline, tmp_path, monkeypatch
+):
+    """The finding: the same deterministic student trained again (another file, the same
+    weights and numbers) became champion, its full-precision top-1 against a rounded tag."""
+    use_pipeline_env(tracked_pipeline, monkeypatch)
+    client = mlflow_server.client()
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    assert champion.tags["iagn.checkpoint_sha256"] == sha256_file(
+        tracked_pipeline.path("build/student.pt")
+    )
+    params = json.loads(json.dumps(tracked_pipeline.params))
+    params["register"]["register_teacher"] = False
+
+    # The same weights evaluated again: registered (a new file), never champion.
+    path, evaluation = _candidate(tracked_pipeline, tmp_path, "retrained", same_weights=True)
+    monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "identical-a")
+    result = runner.register(path, evaluation, params, out=tmp_path / "identical-a")
+    (outcome,) = result["outcomes"]
+    expected = f"identical to the champion (version {champion.version}): the same weights"
+    assert outcome["version"] != champion.version and not outcome["champion"]
+    assert outcome["reason"] == expected and outcome["compared_with"] == champion.version
+    recorded = client.get_model_version(MODEL_NAME, outcome["version"])
+    assert recorded.tags[registry.TAG_PROMOTION] == f"not promoted: {expected}"
+    assert f"not promoted: {expected}" in recorded.description
+    written = json.loads((tmp_path / "identical-a" / "register.json").read_text())
+    assert written["outcomes"][0]["reason"] == expected
+    aliases = client.get_registered_model(MODEL_NAME).aliases
+    assert aliases["champion"] == champion.version and aliases["challenger"] == outcome["version"]
+
+    # Other weights, the very same numbers: a tie, which never promotes.
+    path, evaluation = _candidate(tracked_pipeline, tmp_path, "same-numbers")
+    monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "identical-b")
+    (outcome,) = runner.register(path, evaluation, params)["outcomes"]
+    assert not outcome["champion"]
+    assert "ties with the champion's; a tie never promotes" in outcome["reason"]
+    assert client.get_registered_model(MODEL_NAME).aliases["champion"] == champion.version
+
+
+@pytest.mark.fault(
+    "a candidate evaluated on other data than the champion (another dataset digest or split)",
+    sees="a new version with the alias challenger only: `not promoted: the champion (version "
+    "N) was evaluated on the test split of data ..., this version on the val split ..., so "
+    "their numbers do not compare; re-evaluate the champion on this data (...) and ...`",
+    kept="the champion alias",
+)
+def test_a_champion_evaluated_on_other_data_is_not_compared(
+    mlflow_server, tracked_pipeline, tmp_path, monkeypatch
+):
+    use_pipeline_env(tracked_pipeline, monkeypatch)
+    client = mlflow_server.client()
+    champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
+    params = json.loads(json.dumps(tracked_pipeline.params))
+    params["register"]["register_teacher"] = False
+    # Far better, but measured on the validation split: no comparison, no promotion.
+    path, evaluation = _candidate(
+        tracked_pipeline, tmp_path, "other-split", split="val", top1=1.0, pointing_game=1.0
+    )
+    monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "other-data")
+    (outcome,) = runner.register(path, evaluation, params)["outcomes"]
+    assert not outcome["champion"]
+    reason = outcome["reason"]
+    digest = champion.tags[registry.TAG_EVAL_DIGEST][:12]
+    assert f"the champion (version {champion.version}) was evaluated on the test split" in reason
+    assert f"this version on the val split of data {digest}" in reason
+    assert "do not compare" in reason and "iagn evaluate --model" in reason
+    assert client.get_registered_model(MODEL_NAME).aliases["champion"] == champion.version
 
 
 def test_champion_changes_only_for_a_better_model_that_still_localizes(
@@ -195,3 +288,70 @@ def test_register_config_is_checked():
         step.register_config({"register": {"gate": {"min_top5": 0.5}}})
     with pytest.raises(IagnError, match="model_name"):
         step.register_config({"register": {"model_name": "it's"}})
+
+
+def _tags(top1: float, **extra: str) -> dict[str, str]:
+    candidate = step.Candidate(
+        kind="student",
+        model_uri="models:/m-1",
+        run_id=None,
+        model_id=None,
+        checkpoint_sha256=extra.pop("sha", "a" * 64),
+        weights_sha256=extra.pop("weights", "w" * 64),
+        metrics={"top1": top1, "pointing_game": 0.5, "data_digest": "d" * 64, "split": "test"},
+    )
+    return {**step.version_tags(candidate, "run"), **extra}
+
+
+def test_promotion_compares_like_with_like():
+    promote = step.Promote()
+    # The finding's numbers: written and read back through one encoding, exactly.
+    tags = _tags(0.74333334)
+    assert tags["top1"] == "0.74333334"
+    assert step.metrics_from_tags(tags)["top1"] == 0.74333334
+    again = _tags(0.74333334, sha="b" * 64, weights="v" * 64)
+    promoted, reason = step.decide("iagn", again, tags, "1", promote)
+    assert not promoted and reason == "top1 0.7433 ties with the champion's; a tie never promotes"
+    # Digits enough to tell two close numbers apart.
+    better = _tags(0.74333335, sha="b" * 64, weights="v" * 64)
+    assert step.decide("iagn", better, tags, "1", promote) == (
+        True,
+        "top1 0.7433334 beats the champion's 0.7433333",
+    )
+    # The same checkpoint file or the same weights: never promoted, whatever the numbers.
+    same_file = _tags(0.9, weights="v" * 64)
+    assert step.decide("iagn", same_file, tags, "1", promote) == (
+        False,
+        "identical to the champion (version 1): the same checkpoint file",
+    )
+    same_weights = _tags(0.9, sha="b" * 64)
+    assert step.decide("iagn", same_weights, tags, "1", promote)[1].endswith("the same weights")
+    # Other evaluation data, or none recorded (a champion registered by an older iagn).
+    other = _tags(0.9, sha="b" * 64, weights="v" * 64, **{registry.TAG_EVAL_DIGEST: "e" * 64})
+    promoted, reason = step.decide("iagn", other, tags, "1", promote)
+    assert not promoted and "was evaluated on the test split of data dddddddddddd" in reason
+    assert "this version on the test split of data eeeeeeeeeeee" in reason
+    assert "models:/iagn/1" in reason and "set_registered_model_alias('iagn'" in reason
+    legacy = {"top1": "0.743333", "iagn.checkpoint_sha256": "c" * 64}
+    promoted, reason = step.decide("iagn", better, legacy, "1", promote)
+    assert not promoted and "has no recorded evaluation data" in reason
+    assert step.decide("iagn", better, None, None, promote) == (True, "there was no champion")
+
+
+def test_metrics_from_tags_skips_what_is_not_a_finite_number():
+    tags = {"top1": "nan", "ece": "inf", "pointing_game": "0.5", "latency_ms": "fast"}
+    assert step.metrics_from_tags(tags) == {"pointing_game": 0.5}
+    assert math.isnan(float(_tags(float("nan"))["top1"]))
+    promote = step.Promote()
+    assert step.beats({"top1": 0.8}, {"top1": 0.8}, promote)[0] is False
+    assert step.beats({"top1": 0.8}, {}, promote) == (True, "the champion has no top1")
+
+
+def test_weights_digest_ignores_everything_but_the_weights():
+    import torch
+
+    state = {"w": torch.ones(2, 3), "steps": torch.tensor(7), "h": torch.zeros(2).bfloat16()}
+    digest = registry.weights_sha256(state)
+    assert registry.weights_sha256(dict(reversed(state.items()))) == digest
+    state["w"][0, 0] = 1.0000001
+    assert registry.weights_sha256(state) != digest

@@ -6,15 +6,35 @@ only when its evaluation (metrics.json of `iagn evaluate`) passes every check of
 `min_pointing_game`, latency at most `max_latency_ms` (null skips a check). The student goes
 to the registered model `register.model_name`, the teacher to `<model_name>-teacher`.
 
-The new version gets the alias `challenger`. It also becomes `champion` when there is no
-champion yet, or when it beats the champion on `promote.metric` (higher is better, except
-for LOWER_IS_BETTER metrics) while losing at most `promote.localization_tolerance` on
-`promote.localization_metric`. The champion's numbers are read from its version tags, so a
-version registered by any earlier pipeline run competes on the same terms.
+Each new version carries its evaluation as tags: the metrics of VERSION_METRICS written as
+`repr(float)` (exact: the float reads back bit for bit), the data it was evaluated on
+(`iagn.eval_data_digest`, `iagn.eval_split`), the sha256 of the checkpoint file and of the
+weights alone. It gets the alias `challenger`, and becomes `champion` by these rules (first
+match wins), comparing like with like:
+  1. there is no champion: promoted;
+  2. the champion is the same model (same checkpoint sha256 or same weights sha256): not;
+  3. the champion's evaluation data (digest and split) is not recorded or differs: not,
+     with what to do (re-evaluate the champion on this data and move the alias by hand);
+  4. on `promote.metric` (higher is better, except for LOWER_IS_BETTER metrics) a tie or
+     worse: not; a tie never promotes;
+  5. better, but more than `promote.localization_tolerance` worse on
+     `promote.localization_metric`: not;
+  6. otherwise promoted.
+Both sides of the comparison are read back from the registry's version tags through the
+same decoding (`metrics_from_tags`), so a candidate's full-precision number never meets a
+champion's rounded one. The decision is recorded on the version (tag `iagn.promotion`,
+"promoted: WHY" or "not promoted: WHY", and its description) and returned for
+register.json.
+
+Concurrency: reading the champion, creating the version and moving the aliases happen
+inside the registry's promotion lock (iagn/registry.py: a registered model
+`<name>.promotion-lock` whose creation is atomic in MLflow's database), so two pipeline runs
+registering at once end with both versions and the champion alias on the better one.
 
 Registering is idempotent: a version of the same model that carries the same pipeline run id
 or the same checkpoint sha256 is reported back instead of creating a second one, and its
-aliases are left as they are.
+aliases are left as they are. A version left "pending" (its registration died between
+creating it and deciding) has its decision finished by the rerun.
 
 Everything here works on an `MlflowClient` and plain values; `iagn/runner.py` finds the
 logged models and opens the step's MLflow run.
@@ -22,15 +42,31 @@ logged models and opens the step's MLflow run.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from iagn.errors import IagnError
-from iagn.registry import CHALLENGER, CHAMPION, TAG_CHECKPOINT, TAG_KIND, VERSION_METRICS
+from iagn.registry import (
+    CHALLENGER,
+    CHAMPION,
+    LOCK_STALE_AFTER_S,
+    LOCK_TIMEOUT_S,
+    TAG_CHECKPOINT,
+    TAG_EVAL_DIGEST,
+    TAG_EVAL_SPLIT,
+    TAG_KIND,
+    TAG_PROMOTION,
+    TAG_WEIGHTS,
+    VERSION_METRICS,
+    lock_holder,
+    promotion_lock,
+)
 from iagn.tracking import TAG_PIPELINE_RUN
 
 LOWER_IS_BETTER = frozenset({"latency_ms", "ece", "checkpoint_mb", "parameters"})
+PENDING = "pending"
 _MODEL_NAME = re.compile(r"^[\w.\- ]{1,200}$")
 
 
@@ -54,6 +90,8 @@ class RegisterConfig:
     register_teacher: bool = False
     gate: Gate = field(default_factory=Gate)
     promote: Promote = field(default_factory=Promote)
+    lock_timeout_s: float = LOCK_TIMEOUT_S  # wait this long for another registration
+    lock_stale_after_s: float = LOCK_STALE_AFTER_S  # a lock this old belongs to a dead step
 
     def registered_name(self, kind: str) -> str:
         return self.model_name if kind == "student" else f"{self.model_name}-teacher"
@@ -73,6 +111,10 @@ def register_config(params: dict) -> RegisterConfig:
             f"params.yaml register.model_name {config.model_name!r} must be 1-200 letters, "
             "digits, spaces, dots, dashes or underscores"
         )
+    for key in ("lock_timeout_s", "lock_stale_after_s"):
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise IagnError(f"params.yaml register.{key} must be a number of seconds > 0")
     return config
 
 
@@ -85,8 +127,9 @@ class Candidate:
     run_id: str | None  # the run that logged it: the version's source run
     model_id: str | None
     checkpoint_sha256: str
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # metrics.json of `iagn evaluate`
     tags: dict[str, str] = field(default_factory=dict)  # provenance (git, data version)
+    weights_sha256: str | None = None  # of the weights alone (iagn.registry.weights_sha256)
 
 
 @dataclass
@@ -99,6 +142,7 @@ class Outcome:
     already_registered: bool = False
     champion: bool = False
     reason: str = ""
+    compared_with: str | None = None  # the champion's version the decision was made against
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,8 +170,20 @@ def gate_failures(metrics: dict[str, Any], gate: Gate) -> list[str]:
     return failures
 
 
+def _shown(ours: float, theirs: float) -> tuple[str, str]:
+    """Both numbers with the fewest digits (at least 4) that tell them apart."""
+    for digits in range(4, 18):
+        a, b = f"{ours:.{digits}g}", f"{theirs:.{digits}g}"
+        if a != b or ours == theirs:
+            return a, b
+    return repr(ours), repr(theirs)
+
+
 def beats(candidate: dict[str, float], champion: dict[str, float] | None, promote: Promote):
-    """(whether the candidate should become champion, why) from the two sets of metrics."""
+    """(whether the candidate should become champion, why) from the two sets of metrics.
+
+    Both sets must come from the same source at the same precision (`metrics_from_tags`).
+    """
     if champion is None:
         return True, "there was no champion"
     metric, place = promote.metric, promote.localization_metric
@@ -136,9 +192,12 @@ def beats(candidate: dict[str, float], champion: dict[str, float] | None, promot
         return False, f"the candidate has no {metric}"
     if theirs is None:
         return True, f"the champion has no {metric}"
+    shown_ours, shown_theirs = _shown(ours, theirs)
+    if ours == theirs:
+        return False, f"{metric} {shown_ours} ties with the champion's; a tie never promotes"
     lower = metric in LOWER_IS_BETTER
     if not (ours < theirs if lower else ours > theirs):
-        return False, f"{metric} {ours:.4g} does not beat the champion's {theirs:.4g}"
+        return False, f"{metric} {shown_ours} does not beat the champion's {shown_theirs}"
     ours_place, theirs_place = candidate.get(place), champion.get(place)
     if (
         ours_place is not None
@@ -146,36 +205,96 @@ def beats(candidate: dict[str, float], champion: dict[str, float] | None, promot
         and ours_place < theirs_place - promote.localization_tolerance
     ):
         return False, (
-            f"{metric} {ours:.4g} beats {theirs:.4g}, but {place} {ours_place:.4g} loses "
+            f"{metric} {shown_ours} beats {shown_theirs}, but {place} {ours_place:.4g} loses "
             f"more than {promote.localization_tolerance:g} against {theirs_place:.4g}"
         )
-    return True, f"{metric} {ours:.4g} beats the champion's {theirs:.4g}"
+    return True, f"{metric} {shown_ours} beats the champion's {shown_theirs}"
 
 
 def metrics_from_tags(tags: dict[str, str]) -> dict[str, float]:
+    """The finite metrics among a version's tags (a NaN compares as not measured)."""
     values = {}
     for name in VERSION_METRICS:
         try:
-            values[name] = float(tags[name])
+            value = float(tags[name])
         except (KeyError, ValueError):
             continue
+        if math.isfinite(value):
+            values[name] = value
     return values
 
 
+def evaluation_of(tags: dict[str, str]) -> tuple[str, str] | None:
+    """(data digest, split) a version was evaluated on; None when not recorded."""
+    digest, split = tags.get(TAG_EVAL_DIGEST), tags.get(TAG_EVAL_SPLIT)
+    return (digest, split) if digest and split else None
+
+
 def version_tags(candidate: Candidate, pipeline_run_id: str | None) -> dict[str, str]:
+    metrics = candidate.metrics
     tags = {
         **candidate.tags,
         TAG_KIND: candidate.kind,
         TAG_CHECKPOINT: candidate.checkpoint_sha256,
+        # repr: the shortest text that reads back as the same float (no rounding).
         **{
-            name: f"{float(candidate.metrics[name]):.6g}"
+            name: repr(float(metrics[name]))
             for name in VERSION_METRICS
-            if isinstance(candidate.metrics.get(name), int | float)
+            if isinstance(metrics.get(name), int | float) and not isinstance(metrics[name], bool)
         },
     }
+    # The digest of the data evaluated: `eval_data_digest` where evaluate writes it, else
+    # `data_digest` (the checkpoint's training data, which the pipeline also evaluates on).
+    digest = metrics.get("eval_data_digest") or metrics.get("data_digest")
+    if digest:
+        tags[TAG_EVAL_DIGEST] = str(digest)
+        tags[TAG_EVAL_SPLIT] = str(metrics.get("split") or "test")
+    if candidate.weights_sha256:
+        tags[TAG_WEIGHTS] = candidate.weights_sha256
     if pipeline_run_id:
         tags[TAG_PIPELINE_RUN] = pipeline_run_id
     return tags
+
+
+def _short_data(evaluation: tuple[str, str]) -> str:
+    digest, split = evaluation
+    return f"the {split} split of data {digest[:12]}"
+
+
+def decide(
+    name: str,
+    candidate: dict[str, str],
+    champion: dict[str, str] | None,
+    champion_version: str | None,
+    promote: Promote,
+) -> tuple[bool, str]:
+    """(promote?, why) for a version against the champion, both as registry tags."""
+    if champion is None:
+        return True, "there was no champion"
+    who = f"the champion (version {champion_version})"
+    if candidate.get(TAG_CHECKPOINT) == champion.get(TAG_CHECKPOINT):
+        return False, f"identical to {who}: the same checkpoint file"
+    weights = candidate.get(TAG_WEIGHTS)
+    if weights and weights == champion.get(TAG_WEIGHTS):
+        return False, f"identical to {who}: the same weights"
+    ours, theirs = evaluation_of(candidate), evaluation_of(champion)
+    if ours is None or theirs is None or ours != theirs:
+        if theirs is None:
+            what = f"{who} has no recorded evaluation data (registered by an older iagn)"
+        elif ours is None:
+            what = "this version has no recorded evaluation data"
+        else:
+            what = f"{who} was evaluated on {_short_data(theirs)}, this version on " + (
+                _short_data(ours)
+            )
+        return False, (
+            f"{what}, so their numbers do not compare; re-evaluate the champion on this data "
+            f"(`mlflow artifacts download -u models:/{name}/{champion_version} -d champion`, "
+            "`iagn evaluate --model champion/artifacts/model.pt --data DATA --out "
+            "build/eval/champion`) and, if this version is better, move the alias: "
+            f"MlflowClient().set_registered_model_alias('{name}', 'champion', VERSION)"
+        )
+    return beats(metrics_from_tags(candidate), metrics_from_tags(champion), promote)
 
 
 def _ensure_registered_model(client, name: str) -> None:
@@ -211,8 +330,47 @@ def champion_version(client, name: str):
 
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None  # no champion yet
+        raise
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    number = client.get_registered_model(name).aliases.get(alias)
+    return None if number is None else str(number)
+
+
+def _decide_and_record(client, name: str, version: str, promote: Promote, outcome: Outcome):
+    """Under the lock: compare with the champion, move the aliases, record the decision."""
+    # Both sides read back from the registry: the same tags, the same precision.
+    ours = client.get_model_version(name, version).tags or {}
+    champion = champion_version(client, name)
+    challenger = _alias_version(client, name, CHALLENGER)
+    # The newest version is the challenger (a rerun of an older pending one leaves it).
+    if challenger is None or int(challenger) <= int(version):
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    if champion is not None and str(champion.version) == version:
+        promoted, reason = True, "it is the champion already"  # a rerun after the alias moved
+    else:
+        outcome.compared_with = None if champion is None else str(champion.version)
+        promoted, reason = decide(
+            name,
+            ours,
+            None if champion is None else champion.tags or {},
+            outcome.compared_with,
+            promote,
+        )
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    # Recorded after the aliases: a "pending" tag means the aliases may not be set yet.
+    decision = f"{'promoted' if promoted else 'not promoted'}: {reason}"
+    client.set_model_version_tag(name, version, TAG_PROMOTION, decision)
+    run = ours.get(TAG_PIPELINE_RUN)
+    client.update_model_version(
+        name, version, description=f"{outcome.kind} from pipeline run {run}; {decision}"
+    )
+    outcome.champion, outcome.reason = promoted, reason
 
 
 def register(
@@ -222,35 +380,39 @@ def register(
     name = config.registered_name(candidate.kind)
     outcome = Outcome(kind=candidate.kind, model_name=name, gate_passed=True)
     _ensure_registered_model(client, name)
-    existing = _existing_version(client, name, pipeline_run_id, candidate.checkpoint_sha256)
-    if existing is not None:
-        outcome.version = str(existing.version)
-        outcome.already_registered = True
-        # Search results leave aliases out; the version itself has them.
-        aliases = client.get_model_version(name, existing.version).aliases or []
-        outcome.champion = CHAMPION in aliases
-        outcome.reason = (
-            f"already registered as version {existing.version} (same pipeline run or "
-            "checkpoint); aliases unchanged"
-        )
-        return outcome
-    champion = champion_version(client, name)
-    created = client.create_model_version(
+    with promotion_lock(
+        client,
         name,
-        source=candidate.model_uri,
-        run_id=candidate.run_id,
-        tags=version_tags(candidate, pipeline_run_id),
-        description=f"{candidate.kind} from pipeline run {pipeline_run_id}",
-        model_id=candidate.model_id,
-    )
-    outcome.version = str(created.version)
-    client.set_registered_model_alias(name, CHALLENGER, created.version)
-    promote, outcome.reason = beats(
-        {k: float(v) for k, v in candidate.metrics.items() if isinstance(v, int | float)},
-        None if champion is None else metrics_from_tags(champion.tags or {}),
-        config.promote,
-    )
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, created.version)
-        outcome.champion = True
+        lock_holder(pipeline_run_id),
+        timeout_s=config.lock_timeout_s,
+        stale_after_s=config.lock_stale_after_s,
+    ):
+        existing = _existing_version(client, name, pipeline_run_id, candidate.checkpoint_sha256)
+        if existing is not None:
+            outcome.version = str(existing.version)
+            # Search results leave aliases out; the version itself has them.
+            found = client.get_model_version(name, existing.version)
+            recorded = (found.tags or {}).get(TAG_PROMOTION)
+            if recorded != PENDING:
+                outcome.already_registered = True
+                outcome.champion = CHAMPION in (found.aliases or [])
+                outcome.reason = (
+                    f"already registered as version {existing.version} (same pipeline run or "
+                    "checkpoint); aliases unchanged"
+                    + (f"; recorded then: {recorded}" if recorded else "")
+                )
+                return outcome
+            # Its registration died before deciding: decide now, against today's champion,
+            # and report it as registered now (its aliases are set now).
+        else:
+            created = client.create_model_version(
+                name,
+                source=candidate.model_uri,
+                run_id=candidate.run_id,
+                tags={**version_tags(candidate, pipeline_run_id), TAG_PROMOTION: PENDING},
+                description=f"{candidate.kind} from pipeline run {pipeline_run_id}; deciding",
+                model_id=candidate.model_id,
+            )
+            outcome.version = str(created.version)
+        _decide_and_record(client, name, outcome.version, config.promote, outcome)
     return outcome
