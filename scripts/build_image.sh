@@ -25,22 +25,32 @@ fail() {
 }
 
 # --- the engine: the first that is installed and answers ------------------------------------
-engine=""
-broken=""
-for candidate in docker podman buildah; do
-  command -v "$candidate" >/dev/null || continue
-  if "$candidate" info >/dev/null 2>"${TMPDIR:-/tmp}/iagn-engine-info.err"; then
-    # A docker CLI talking to podman's Docker API: podman builds (BuildKit's cache and secret
-    # mounts need podman's own builder) into the same image store.
-    if [ "$candidate" = docker ] && command -v podman >/dev/null &&
-      docker version --format '{{range .Server.Components}}{{.Name}}{{end}}' 2>/dev/null | grep -qi podman; then
-      continue
+find_engine() {
+  engine=""
+  broken=""
+  for candidate in docker podman buildah; do
+    command -v "$candidate" >/dev/null || continue
+    if "$candidate" info >/dev/null 2>"${TMPDIR:-/tmp}/iagn-engine-info.err"; then
+      # A docker CLI talking to podman's Docker API: podman builds (BuildKit's cache and
+      # secret mounts need podman's own builder) into the same image store.
+      if [ "$candidate" = docker ] && command -v podman >/dev/null &&
+        docker version --format '{{range .Server.Components}}{{.Name}}{{end}}' 2>/dev/null | grep -qi podman; then
+        continue
+      fi
+      engine="$candidate"
+      return 0
     fi
-    engine="$candidate"
-    break
-  fi
-  broken="${broken:+$broken; }$candidate: $(tail -n 1 "${TMPDIR:-/tmp}/iagn-engine-info.err")"
-done
+    broken="${broken:+$broken; }$candidate: $(tail -n 1 "${TMPDIR:-/tmp}/iagn-engine-info.err")"
+  done
+  return 1
+}
+# None that works, on a Debian machine as root: podman, as `make test` sets it up
+# (IAGN_NO_ENGINE_SETUP=1 to only say what to do).
+if ! find_engine && [ -z "${IAGN_NO_ENGINE_SETUP:-}" ] && [ "$(id -u 2>/dev/null)" = 0 ] &&
+  command -v apt-get >/dev/null; then
+  say "no working container engine: setting up podman (bash scripts/container_engine.sh setup)"
+  bash scripts/container_engine.sh setup && find_engine || true
+fi
 if [ -z "$engine" ]; then
   if [ -n "$broken" ]; then
     fail "a container engine is installed but does not work ($broken):" \
