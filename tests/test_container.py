@@ -35,6 +35,7 @@ __all__ = ["mlflow_server"]  # the session's MLflow server fixture, used below
 
 pytestmark = pytest.mark.slow
 IMAGE = os.environ.get("IAGN_TEST_IMAGE", "localhost/iagn:test")
+BASH = "/bin/bash"
 EXPERIMENT = "iagn-container"
 MODEL = "iagn-container-test"
 OPEN_GATE = (
@@ -61,22 +62,22 @@ def _engine() -> str:
         return docker_api()[0]
     except IagnError as first:
         reason = str(first)
-    if subprocess.run(["bash", "scripts/container_engine.sh", "check"], cwd=REPO_ROOT).returncode:
+    script = [BASH, "scripts/container_engine.sh"]
+    if subprocess.run([*script, "check"], cwd=REPO_ROOT, capture_output=True).returncode:
         reason = (
             "no container engine can run here (docker, or podman: `bash "
             "scripts/container_engine.sh setup` as root installs and configures it)"
         )
     else:
-        started = subprocess.run(
-            ["bash", "scripts/container_engine.sh", "socket"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-        )
+        started = subprocess.run([*script, "socket"], cwd=REPO_ROOT, capture_output=True, text=True)
         if started.returncode == 0:
-            os.environ.setdefault("DOCKER_HOST", "unix:///run/podman/podman.sock")
-            return docker_api()[0]
-        reason = f"podman's Docker API did not start: {started.stderr.strip()}"
+            os.environ["DOCKER_HOST"] = "unix:///run/podman/podman.sock"
+            try:
+                return docker_api()[0]
+            except IagnError as error:
+                reason = str(error)
+        else:
+            reason = f"podman's Docker API did not start: {started.stderr.strip()}"
     if os.environ.get("IAGN_REQUIRE_CONTAINERS") == "1":
         pytest.fail(f"IAGN_REQUIRE_CONTAINERS=1 but {reason}")
     pytest.skip(reason)
