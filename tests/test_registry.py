@@ -45,7 +45,7 @@ def test_the_pipeline_registered_student_and_teacher(mlflow_server, tracked_pipe
     for metric in ("top1", "pointing_game", "latency_ms", "ece"):
         assert float(tags[metric]) == written[metric], metric
     assert tags["iagn.kind"] == "student"
-    assert tags[registry.TAG_EVAL_DIGEST] == written["data_digest"]
+    assert tags[registry.TAG_EVAL_DIGEST] == written["eval_data_digest"]
     assert tags[registry.TAG_EVAL_SPLIT] == written["split"] == "test"
     checkpoint = load_checkpoint(tracked_pipeline.path("build/student.pt"))
     assert tags[registry.TAG_WEIGHTS] == registry.weights_sha256(checkpoint["model_state"])

@@ -151,6 +151,15 @@ def test_evaluate_teacher_and_student(pipeline_outputs, tmp_path):
     assert student["parameters"] < teacher["parameters"]
     written = json.loads((tmp_path / "t" / "metrics.json").read_text())
     assert written["top1"] == teacher["top1"]
+    # Both models were tested on the same images, which are not the whole dataset.
+    assert teacher["eval_data_digest"] == student["eval_data_digest"] != teacher["data_digest"]
+    on_val = evaluate.run(
+        pipeline_outputs["dir"] / "student.pt",
+        None,
+        {**params, "evaluate": {**params["evaluate"], "split": "val"}},
+        tmp_path / "v",
+    )
+    assert on_val["eval_data_digest"] != student["eval_data_digest"]
     for name in ("confusion_matrix.png", "reliability.png", "attention_gallery.png"):
         assert (tmp_path / "t" / name).read_bytes()[:4] == b"\x89PNG"
 

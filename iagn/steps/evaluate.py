@@ -128,7 +128,8 @@ def run(
     metrics["checkpoint_mb"] = file_size_mb(model_path)
     metrics["device"] = device_name(torch_device)
     metrics["precision"] = precision
-    metrics["data_digest"] = checkpoint["data"]["digest"]
+    metrics["data_digest"] = checkpoint["data"]["digest"]  # the training data: which model
+    metrics["eval_data_digest"] = prepared.split_digest(settings["split"])  # what it was tested on
 
     confusion_plot(confusion, prepared.class_names, out / "confusion_matrix.png")
     reliability_plot(table, ece, out / "reliability.png")

@@ -243,8 +243,8 @@ def version_tags(candidate: Candidate, pipeline_run_id: str | None) -> dict[str,
             if isinstance(metrics.get(name), int | float) and not isinstance(metrics[name], bool)
         },
     }
-    # The digest of the data evaluated: `eval_data_digest` where evaluate writes it, else
-    # `data_digest` (the checkpoint's training data, which the pipeline also evaluates on).
+    # The digest of the images evaluated (`eval_data_digest`); metrics files written before
+    # evaluate recorded it have only `data_digest`, the checkpoint's training data.
     digest = metrics.get("eval_data_digest") or metrics.get("data_digest")
     if digest:
         tags[TAG_EVAL_DIGEST] = str(digest)

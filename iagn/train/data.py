@@ -41,6 +41,11 @@ class PreparedData:
             "max_pixels": self.config.max_pixels,
         }
 
+    def split_digest(self, split: str) -> str:
+        """The identity of one split's images (after carving val): what an evaluation on it
+        measured, so two evaluations compare only when they saw the same images."""
+        return manifest_digest(self.manifest[self.manifest["split"] == split])
+
     def dataset(self, split: str | None, train: bool) -> FineGrainedDataset:
         transform = build_transform(train, self.config.resize, self.config.crop)
         return FineGrainedDataset(
