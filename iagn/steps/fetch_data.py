@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from iagn.dvc_remote import configured_remote, explain_failure, run_dvc, run_quietly
+from iagn.dvc_remote import configured_remote, explain_failure, run_dvc, run_quietly, transfer
 from iagn.errors import IagnError
 from iagn.params import apply_overrides, load_params
 from iagn.redact import scrub_text
@@ -156,21 +156,22 @@ def _fetch_working_copy(folder: Path, overrides: dict | None, dataset: Path, par
         )
     params = apply_overrides(load_params(folder / "params.yaml"), overrides)
     root = _data_root(params, str(folder))
-    pulled = run_dvc(["pull", "--quiet", root], folder)
     source = folder / root
     note = "dvc pull"
-    if pulled.returncode != 0:
-        why = explain_failure(pulled.stdout + pulled.stderr, configured_remote(folder))
+    try:
+        # Watched like `iagn remote pull`: an S3 server that dies mid-transfer stops it.
+        transfer("pull", folder, [root])
+    except IagnError as error:
+        why = str(error)
         if not source.is_dir():
             raise IagnError(
-                f"{source} is not in the working copy and `dvc pull {root}` failed: {why}\n"
+                f"{source} is not in the working copy, and {why}\n"
                 f"  (or run `make data` in {folder})"
-            )
+            ) from None
         note = "working copy as is"
         first_line = why.splitlines()[0]
         print(
-            f"iagn: warning: `dvc pull {root}` failed ({first_line}); using the working "
-            f"copy's {root} as it is",
+            f"iagn: warning: {first_line}; using the working copy's {root} as it is",
             file=sys.stderr,
         )
     shutil.copytree(source, dataset, dirs_exist_ok=True)
