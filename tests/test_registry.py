@@ -91,6 +91,12 @@ def use_pipeline_env(pipeline, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
 
 
+@pytest.mark.fault(
+    "a student that fails the gate (register.gate: top-1, pointing game, latency)",
+    sees="exit 1: `iagn: student not registered: it failed the gate` with each failed check "
+    "and its threshold (`register.gate.min_top1 1.01`), and what to change",
+    kept="the registry as it was (no version, the champion stays); the run is marked FAILED",
+)
 def test_a_model_that_fails_the_gate_is_not_registered(mlflow_server, tracked_pipeline, tmp_path):
     params = json.loads(json.dumps(tracked_pipeline.params))
     params["register"]["gate"].update(min_top1=1.01, max_latency_ms=0.001)
@@ -132,6 +138,14 @@ def _candidate(
     return path, evaluation
 
 
+@pytest.mark.fault(
+    "a model that is no better than the champion: the same checkpoint or weights, a tie, an "
+    "evaluation on other data",
+    sees="it is registered as `challenger` only, with the reason as a tag and in "
+    "register.json (`... a tie never promotes`, the champion evaluated on other data and "
+    "what to do)",
+    kept="the champion",
+)
 @pytest.mark.fault(
     "an identical model registered again (the same deterministic training rerun: another file, "
     "the same weights; or the same numbers)",
@@ -179,6 +193,14 @@ def test_an_identical_model_never_replaces_the_champion(
     assert client.get_registered_model(MODEL_NAME).aliases["champion"] == champion.version
 
 
+@pytest.mark.fault(
+    "a model that is no better than the champion: the same checkpoint or weights, a tie, an "
+    "evaluation on other data",
+    sees="it is registered as `challenger` only, with the reason as a tag and in "
+    "register.json (`... a tie never promotes`, the champion evaluated on other data and "
+    "what to do)",
+    kept="the champion",
+)
 @pytest.mark.fault(
     "a candidate evaluated on other data than the champion (another dataset digest or split)",
     sees="a new version with the alias challenger only: `not promoted: the champion (version "
