@@ -139,14 +139,6 @@ def _candidate(
 
 
 @pytest.mark.fault(
-    "a model that is no better than the champion: the same checkpoint or weights, a tie, an "
-    "evaluation on other data",
-    sees="it is registered as `challenger` only, with the reason as a tag and in "
-    "register.json (`... a tie never promotes`, the champion evaluated on other data and "
-    "what to do)",
-    kept="the champion",
-)
-@pytest.mark.fault(
     "an identical model registered again (the same deterministic training rerun: another file, "
     "the same weights; or the same numbers)",
     sees="a new version with the alias challenger only, and on it, in register.json and "
@@ -193,14 +185,6 @@ def test_an_identical_model_never_replaces_the_champion(
     assert client.get_registered_model(MODEL_NAME).aliases["champion"] == champion.version
 
 
-@pytest.mark.fault(
-    "a model that is no better than the champion: the same checkpoint or weights, a tie, an "
-    "evaluation on other data",
-    sees="it is registered as `challenger` only, with the reason as a tag and in "
-    "register.json (`... a tie never promotes`, the champion evaluated on other data and "
-    "what to do)",
-    kept="the champion",
-)
 @pytest.mark.fault(
     "a candidate evaluated on other data than the champion (another dataset digest or split)",
     sees="a new version with the alias challenger only: `not promoted: the champion (version "

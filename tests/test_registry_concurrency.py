@@ -102,10 +102,9 @@ def register_at_once(server, name: str, entries: list[tuple[str, step.Candidate]
 
 
 @pytest.mark.fault(
-    "two registrations of the same model at once, or one that died holding the lock",
-    sees="the second waits for the lock, and names its holder when it gives up "
-    "(register.lock_timeout_s); a stale lock is broken with a warning; a rerun finishes a "
-    "registration that died before deciding",
+    "two registrations of the same model at once, or a registration that died before deciding",
+    sees="both are registered, once each, and the better one ends champion (the other's "
+    "reason: `... does not beat the champion's ...`); rerunning one that died finishes it",
     kept="the better champion; each model registered once",
 )
 @pytest.mark.parametrize("better_first", [True, False])
@@ -157,13 +156,6 @@ def test_without_the_lock_the_worse_model_can_end_champion(mlflow_server, model_
 
 
 @pytest.mark.fault(
-    "two registrations of the same model at once, or one that died holding the lock",
-    sees="the second waits for the lock, and names its holder when it gives up "
-    "(register.lock_timeout_s); a stale lock is broken with a warning; a rerun finishes a "
-    "registration that died before deciding",
-    kept="the better champion; each model registered once",
-)
-@pytest.mark.fault(
     "a registry lock left behind by a registration that died",
     sees="a warning on stderr, `breaking the stale registry lock 'NAME.promotion-lock' held by "
     "pipeline run ... (N s old, more than register.lock_stale_after_s ...)`, then the "
@@ -189,13 +181,6 @@ def test_a_stale_lock_is_broken_with_a_message(mlflow_server, model_name, capsys
     assert not lock_exists(client, model_name)
 
 
-@pytest.mark.fault(
-    "two registrations of the same model at once, or one that died holding the lock",
-    sees="the second waits for the lock, and names its holder when it gives up "
-    "(register.lock_timeout_s); a stale lock is broken with a warning; a rerun finishes a "
-    "registration that died before deciding",
-    kept="the better champion; each model registered once",
-)
 @pytest.mark.fault(
     "another registration of the same model holding the registry lock beyond "
     "register.lock_timeout_s",
@@ -235,10 +220,9 @@ def test_the_lock_is_released_when_registering_fails(mlflow_server, model_name, 
 
 
 @pytest.mark.fault(
-    "two registrations of the same model at once, or one that died holding the lock",
-    sees="the second waits for the lock, and names its holder when it gives up "
-    "(register.lock_timeout_s); a stale lock is broken with a warning; a rerun finishes a "
-    "registration that died before deciding",
+    "two registrations of the same model at once, or a registration that died before deciding",
+    sees="both are registered, once each, and the better one ends champion (the other's "
+    "reason: `... does not beat the champion's ...`); rerunning one that died finishes it",
     kept="the better champion; each model registered once",
 )
 def test_a_registration_that_died_before_deciding_is_finished_by_the_rerun(

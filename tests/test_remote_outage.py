@@ -82,13 +82,6 @@ def keys(client, bucket: str) -> list[str]:
 
 
 @pytest.mark.fault(
-    "the S3 server stops halfway through `iagn remote push` (or a fetch-data pull)",
-    sees="exit 2 within a minute, not hours of retries: `` `dvc push` stopped: DVC remote "
-    "'store' (s3://... at http://...) went down during the transfer ...; run the same "
-    "command again``",
-    kept="what was uploaded; running the command again transfers only what is missing",
-)
-@pytest.mark.fault(
     "the S3 server going down halfway through `iagn remote push`",
     sees="exit 2 once the endpoint has refused connections for IAGN_REMOTE_OUTAGE_S (default "
     "60 s), not DVC's hours of retries: `dvc push stopped: DVC remote 'store' (s3://... at "
@@ -163,12 +156,6 @@ def _new_student(pipeline, tmp_path: Path, name: str) -> tuple[Path, Path]:
     return path, evaluation
 
 
-@pytest.mark.fault(
-    "the MLflow artifact store is down while `iagn register` logs the model",
-    sees="exit 2: `could not log the student model ... to the artifact store of ...; nothing "
-    "was registered ...; run iagn register again`; no secret shown",
-    kept="the registry as it was: nothing half-registered; the rerun registers once",
-)
 @pytest.mark.fault(
     "the MLflow server's artifact store (S3) down during `iagn register`",
     sees="exit 2: `could not log the student model ... to the artifact store of http://..., "
