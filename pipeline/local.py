@@ -46,8 +46,11 @@ DEFAULT_ROOT = "build/kfp"
 # kfp.local's log lines (colours stripped) that start and end a task.
 TASK_STARTED = re.compile(r"Executing task '(?P<task>[^']+)'")
 TASK_FINISHED = re.compile(r"Task '(?P<task>[^']+)' finished with status (?P<status>[A-Z]+)")
-# A task's output that is kfp's, not the task's: kfp.local's and the executor's INFO lines.
-KFP_LINE = re.compile(r"^(\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - |\[KFP Executor [^\]]* INFO\]: )")
+# A task's output that is kfp's, not the task's: kfp.local's and the executor's INFO lines,
+# and the Docker runner's line about the image.
+KFP_LINE = re.compile(
+    r"^(\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - |\[KFP Executor [^\]]* INFO\]: |Found image ')"
+)
 EXECUTOR_INPUT = "Got executor_input:"  # the executor's line before the JSON
 PROGRESS = re.compile(r"\bepoch \d+/\d+\b")  # the training loop's line per epoch
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

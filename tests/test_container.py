@@ -322,3 +322,44 @@ def test_the_image_serves_the_champion(client, image, container_run, project, ml
             assert secret not in logs, "a credential reached the server's log"
     finally:
         container.remove(force=True)
+
+
+@pytest.mark.timeout(900)
+def test_a_failing_task_fails_the_run_in_containers(image, project, tmp_path):
+    """kfp.local's Docker runner took every failing container for a success (auto_remove);
+    run-local's Docker API pass-through keeps the exit code. Without MLFLOW_TRACKING_URI the
+    containers track to a SQLite store in the pipeline root, where the exit handler marks
+    the parent run FAILED."""
+    import mlflow
+
+    root = tmp_path / "kfp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
+    result = subprocess.run(
+        [
+            str(BIN / "iagn-pipeline"),
+            "run-local",
+            "--runner=docker",
+            f"--image={image}",
+            "--param=data_rev=no-such-branch",
+            f"--pipeline-root={root}",
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert re.search(r"^  FAILURE +resolve-data-revision ", out, re.MULTILINE), out
+    assert re.search(r"^  SUCCESS +record-outcome ", out, re.MULTILINE), out
+    assert "revision 'no-such-branch' is not in the git repository" in out
+    assert "Found image" not in out  # kfp.local's line, in the log only
+    store = f"sqlite:///{root / 'mlflow' / 'mlflow.db'}"
+    assert f"the containers track to {store}" in out
+    client = mlflow.MlflowClient(store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, max_results=10)
+    (parent,) = [r for r in runs if r.data.tags.get("iagn.role") == "pipeline"]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["iagn.kfp_failed_task"]
