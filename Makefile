@@ -80,6 +80,7 @@ image:  ## build the component image (IMAGE=..., BASE_IMAGE=..., TORCH_INDEX=...
 	  fi; \
 	fi
 	@echo "compile the pipeline for it: IAGN_IMAGE=$(IMAGE) $(BIN)/iagn-pipeline compile"
+	@echo "run the DAG in it here:      $(BIN)/iagn-pipeline run-local --runner docker --image $(IMAGE)"
 
 clean:  ## remove build outputs (keeps .venv and data/)
 	rm -rf build .pytest_cache .ruff_cache
