@@ -52,7 +52,9 @@ KFP_LINE = re.compile(
     r"^(\d\d:\d\d:\d\d\.\d+ - [A-Z]+ - |\[KFP Executor [^\]]* INFO\]: |Found image ')"
 )
 EXECUTOR_INPUT = "Got executor_input:"  # the executor's line before the JSON
-PROGRESS = re.compile(r"\bepoch \d+/\d+\b")  # the training loop's line per epoch
+# The training loop's line per epoch (`stage 1 epoch 1/2: loss ...`), not its tqdm bar's
+# updates (`stage 1 epoch 1/2:  33%|...`), which the task's output also holds.
+PROGRESS = re.compile(r"\bepoch \d+/\d+: loss\b")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TAIL_LINES = 30
 
