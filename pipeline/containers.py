@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 from iagn.errors import IagnError
 from iagn.provenance import ENV_PIPELINE_RUN
+from pipeline.dag import SECRET_KEYS_OPTIONAL, SECRET_KEYS_REQUIRED
 
 CONTAINER_USER = 10001  # the Dockerfile's numeric USER
 RUN_LABEL = "iagn.pipeline_run"  # on every task's container: removed together at the end
@@ -57,16 +58,8 @@ SOCKETS = (
 # This environment's settings the containers get: the Kubernetes secret's keys on a cluster
 # (pipeline.dag), the experiment, and what keeps the libraries quiet.
 PASSED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
+    *SECRET_KEYS_REQUIRED,
+    *SECRET_KEYS_OPTIONAL,
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_DISABLE_TELEMETRY",
     "DO_NOT_TRACK",
