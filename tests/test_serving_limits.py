@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -35,6 +34,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import BIN, free_port
+from mlflow_server import stop_group as stop
 from PIL import Image
 
 from iagn import serving
@@ -167,18 +167,6 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path, seconds: float 
                 stop(process)
                 pytest.fail(f"the server did not answer within {seconds:.0f} s:\n{log.read_text()}")
             time.sleep(0.3)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """End a server started with start_new_session=True, its workers included."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
