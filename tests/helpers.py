@@ -57,3 +57,29 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+def torchrun_stage1(*entry: str) -> list[str]:
+    """`train-stage --stage 1` of ./params.yaml into out/s1.pt on the CPU, two ranks under
+    torchrun on 127.0.0.1; `entry` is what torchrun starts (`-m iagn.cli` or a script)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        *entry,
+        "train-stage",
+        "--stage",
+        "1",
+        "--params",
+        "params.yaml",
+        "--out",
+        "out/s1.pt",
+        "--device",
+        "cpu",
+    ]

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
-from helpers import free_port, run
+from helpers import run, torchrun_stage1
 from test_training import tiny_params
 
 from iagn.checkpoint import load_checkpoint
@@ -21,28 +20,7 @@ def test_two_process_ddp_training(tiny_synth: Path, tmp_path: Path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     result = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            "-m",
-            "iagn.cli",
-            "train-stage",
-            "--stage",
-            "1",
-            "--params",
-            "params.yaml",
-            "--out",
-            "out/s1.pt",
-            "--device",
-            "cpu",
-        ],
+        torchrun_stage1("-m", "iagn.cli"),
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
     )

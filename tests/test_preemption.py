@@ -13,14 +13,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import BIN, free_port, run
+from helpers import BIN, run, torchrun_stage1
 from test_training import tiny_params
 
 import iagn.steps.train_stage as train_stage_module
@@ -228,30 +227,6 @@ sys.exit(code)
 """
 
 
-def torchrun(tmp_path: Path, *entry: str) -> list:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        *entry,
-        "train-stage",
-        "--stage",
-        "1",
-        "--params",
-        "params.yaml",
-        "--out",
-        "out/s1.pt",
-        "--device",
-        "cpu",
-    ]
-
-
 @pytest.mark.fault(
     "SIGTERM during training (a preempted node, `kubectl delete pod`, a DVC or KFP stop), "
     "also under torchrun",
@@ -264,7 +239,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_batch(tiny_synth, tmp_
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(preempt_params(tiny_synth)))
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
     partial = tmp_path / "out" / "s1.pt.partial"
-    proc, log = start(torchrun(tmp_path, "rank.py"), tmp_path)
+    proc, log = start(torchrun_stage1("rank.py"), tmp_path)
     seconds = sigterm_after_first_epoch(proc, partial)
     output = log.read_text()
     # torchrun forwards SIGTERM to the workers and SIGKILLs them after its 30 s shutdown
@@ -279,7 +254,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_batch(tiny_synth, tmp_
     assert 1 <= batch <= BATCHES // 2 and epoch >= 1
     assert_partial_matches(partial, epoch, batch, world_size=2)
 
-    rerun = run(torchrun(tmp_path, "-m", "iagn.cli"), cwd=tmp_path, env=ENV)
+    rerun = run(torchrun_stage1("-m", "iagn.cli"), cwd=tmp_path, env=ENV)
     assert rerun.stdout.count("resuming out/s1.pt.partial") == 1
     assert rerun.stdout.count("stage 1 done") == 1 and not partial.exists()
     finished = load_checkpoint(tmp_path / "out" / "s1.pt")
@@ -293,7 +268,7 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tiny_synth, tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(preempt_params(tiny_synth, epochs=1)))
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
     result = run(
-        torchrun(tmp_path, "rank.py"),
+        torchrun_stage1("rank.py"),
         cwd=tmp_path,
         env={**ENV, "POISON_RANK": "1"},
         check=False,
