@@ -1,7 +1,9 @@
 """Classify and explain images from files, PIL images or arrays with a checkpoint.
 
-The preprocessing (resize the shorter side, centre crop, ImageNet normalization) comes from
-the checkpoint, so a model is usable from its file alone. Images go through the decoder's
+The preprocessing (resize the shorter side, centre crop, ImageNet normalization) and the
+serving configuration (which prediction, box, precision and temperature: chosen on the
+validation split after training) come from the checkpoint, so a model is usable from its
+file alone and predicts exactly what `iagn evaluate` measured. Images go through the decoder's
 rules (`iagn.data.images`: pixel limit, 16-bit/float refused, alpha on white), with the
 pixel limit the model's training data had (`data.max_pixels`, recorded in the checkpoint).
 Boxes are returned in the coordinates of the original image.
@@ -19,9 +21,9 @@ from PIL import Image
 from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from iagn.data.images import DEFAULT_MAX_PIXELS, check_image, image_from_array, open_image
 from iagn.device import pick_device
-from iagn.evaluation.calibration import checkpoint_temperature
 from iagn.evaluation.plots import overlay
 from iagn.evaluation.predictor import Predictor
+from iagn.evaluation.serving_config import ServingConfig, serving_config_of
 from iagn.models.load import load_model
 
 
@@ -33,17 +35,14 @@ class ImageClassifier:
         resize: int,
         crop: int,
         device: str = "cpu",
-        attention_threshold: float = 0.5,
-        temperature: float = 1.0,
+        serving: ServingConfig | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.class_names = list(class_names)
         self.max_pixels = max_pixels
         self.resize, self.crop = resize, crop
         self.transform = build_transform(False, resize, crop)
-        self.predictor = Predictor(
-            model, pick_device(device), "fp32", attention_threshold, temperature=temperature
-        )
+        self.predictor = Predictor(model, serving, pick_device(device))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu") -> ImageClassifier:
@@ -55,7 +54,7 @@ class ImageClassifier:
             data["resize"],
             data["crop"],
             device,
-            temperature=checkpoint_temperature(checkpoint),
+            serving=serving_config_of(checkpoint),
             # Checkpoints from before the limit existed carry none: the default applies.
             max_pixels=data.get("max_pixels", DEFAULT_MAX_PIXELS),
         )

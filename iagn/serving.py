@@ -74,7 +74,17 @@ from iagn.redact import scrub_text
 _logger = logging.getLogger(__name__)
 
 # What inference needs from a checkpoint; optimizer, scheduler and RNG states are dropped.
-SERVING_KEYS = ("kind", "stage", "model_config", "model_state", "data", "complete", "train_config")
+SERVING_KEYS = (
+    "kind",
+    "stage",
+    "model_config",
+    "model_state",
+    "data",
+    "complete",
+    "train_config",
+    "serving",  # which prediction, box, precision and temperature: what evaluate measured
+    "calibration",
+)
 OUTPUT_COLUMNS = ("class_id", "class_name", "probability", "top5", "box")
 BATCH_SIZE = 32
 FORMATS_HINT = "send a JPEG, PNG, BMP or WebP file, base64-encoded"
@@ -337,6 +347,11 @@ def requirements() -> list[str]:
     return pinned
 
 
+def slim_checkpoint(checkpoint: dict) -> dict:
+    """What the MLflow model bundles of a checkpoint: `SERVING_KEYS` only."""
+    return {key: checkpoint[key] for key in SERVING_KEYS if key in checkpoint}
+
+
 def log_model(checkpoint: dict, name: str = "model", tags: dict | None = None):
     """Log `checkpoint` (a loaded teacher or student) as a pyfunc model into the active run.
 
@@ -345,7 +360,7 @@ def log_model(checkpoint: dict, name: str = "model", tags: dict | None = None):
     data = checkpoint["data"]
     with tempfile.TemporaryDirectory(prefix="iagn-model-") as tmp:
         slim = Path(tmp) / "model.pt"
-        save_checkpoint(slim, {key: checkpoint[key] for key in SERVING_KEYS if key in checkpoint})
+        save_checkpoint(slim, slim_checkpoint(checkpoint))
         # A clean copy of the package (no caches): `import iagn` works from the model folder.
         code = Path(tmp) / "code" / "iagn"
         shutil.copytree(

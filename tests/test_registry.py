@@ -224,7 +224,7 @@ def test_champion_changes_only_for_a_better_model_that_still_localizes(
     top1, place = float(champion.tags["top1"]), float(champion.tags["pointing_game"])
     params = json.loads(json.dumps(tracked_pipeline.params))
     params["register"]["register_teacher"] = False
-    params["register"]["gate"]["min_pointing_game"] = None  # the candidates below lose some
+    params["register"]["gate"]["min_pointing_game_lift"] = None  # the candidates below lose some
 
     # Better top-1, but it gives up localization: challenger only.
     path, evaluation = _candidate(
@@ -265,13 +265,24 @@ def test_models_names_a_missing_registered_model(tracked_pipeline):
 
 
 def test_gate_checks():
-    gate = step.Gate(min_top1=0.8, min_pointing_game=0.5, max_latency_ms=20)
-    good = {"top1": 0.9, "pointing_game": 0.6, "latency_ms": 10}
+    gate = step.Gate(min_top1=0.8, min_pointing_game_lift=0.5, max_latency_ms=20)
+    good = {"top1": 0.9, "pointing_game": 0.7, "pointing_game_lift": 0.6, "latency_ms": 10}
     assert step.gate_failures(good, gate) == []
     failures = step.gate_failures({"top1": 0.7, "latency_ms": 30}, gate)
     assert len(failures) == 3
-    assert "pointing_game was not measured" in failures[1]
+    assert "pointing_game_lift was not measured" in failures[1]
     assert step.gate_failures({"top1": 0.7}, step.Gate(min_top1=None)) == []
+    # A map at chance on large boxes: a high pointing game, no lift; the gate stops it.
+    at_chance = {**good, "pointing_game": 0.55, "pointing_game_lift": 0.02}
+    assert step.gate_failures(at_chance, gate) == [
+        "pointing_game_lift 0.02 is not >= register.gate.min_pointing_game_lift 0.5"
+    ]
+
+
+def test_the_absolute_pointing_floor_is_refused_with_its_replacement():
+    params = {"register": {"gate": {"min_pointing_game": 0.05}}}
+    with pytest.raises(IagnError, match="replaced by min_pointing_game_lift"):
+        step.register_config(params)
 
 
 def test_promotion_rules():

@@ -1,14 +1,15 @@
 """Temperature scaling (Guo et al., ICML 2017): calibrated probabilities from one scalar.
 
-The teacher's served prediction averages the logits of four heads and two passes, and the
-student learns from targets softened by the KD temperature: on the demo data both came out
-under-confident (expected calibration error 0.20, a plain ResNet's 0.05; fitted T about
-0.5, which sharpens). After training, one temperature T is fitted on the validation split
-so that softmax(logits / T) of the served prediction minimizes the negative log-likelihood
-there. Dividing by T > 0 keeps every argmax, so accuracy does not change; only the
-probabilities people read do. T is stored in the checkpoint (`calibration`) and applied by
-`Predictor` wherever the model is used: evaluation, `iagn predict` / `explain` and MLflow
-serving.
+The teacher's served prediction may average the logits of several heads and two passes,
+and the student learns from targets softened by the KD temperature: on the demo data both
+came out under-confident (expected calibration error 0.20, a plain ResNet's 0.05; fitted T
+about 0.5, which sharpens). After training, one temperature T is fitted on the validation
+split so that softmax(logits / T) of the served prediction minimizes the negative
+log-likelihood there. Dividing by T > 0 keeps every argmax, so accuracy does not change;
+only the probabilities people read do. T is fitted for the prediction chosen to be served
+(iagn/evaluation/choose.py), stored in the checkpoint's serving configuration (its fit
+statistics under `calibration`) and applied by `Predictor` wherever the model is used:
+evaluation, `iagn predict` / `explain`, MLflow serving and distillation.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from iagn.evaluation.metrics import calibration
-from iagn.evaluation.predictor import Predictor
+from iagn.evaluation.serving_config import serving_config_of
 
 # Beyond these a fit says more about a tiny or degenerate validation split than about the model.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -60,18 +61,6 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor, split: str) -> dict[st
     }
 
 
-@torch.no_grad()
-def calibrate_model(model: torch.nn.Module, loader, device: torch.device, precision: str) -> dict:
-    """Fit T for `model`'s served prediction (what `Predictor` returns, before any
-    temperature) on `loader`, the validation split; a `calibrate` result."""
-    predictor = Predictor(model, device, precision)
-    logits, labels = [], []
-    for batch in loader:
-        logits.append(predictor(batch["image"]).logits["final"].float().cpu())
-        labels.append(batch["label"])
-    return calibrate(torch.cat(logits), torch.cat(labels), "val")
-
-
 def calibration_metrics(fitted: dict[str, Any]) -> dict[str, float]:
     """A `calibrate` result as the final epoch's metrics (metrics file, MLflow)."""
     return {
@@ -85,4 +74,4 @@ def calibration_metrics(fitted: dict[str, Any]) -> dict[str, float]:
 
 def checkpoint_temperature(checkpoint: dict) -> float:
     """The checkpoint's fitted temperature; 1 (no scaling) for checkpoints without one."""
-    return float((checkpoint.get("calibration") or {}).get("temperature", 1.0))
+    return serving_config_of(checkpoint).temperature

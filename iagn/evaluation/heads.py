@@ -24,11 +24,24 @@ def predict_logits(model: torch.nn.Module, loader, device: torch.device, precisi
     return {key: torch.cat(values) for key, values in outputs.items()}
 
 
-def logits_by_head(result) -> dict[str, torch.Tensor]:
+def logits_by_head(result, weights: tuple[float, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every one-pass prediction of a model output: the student's single head, or the
+    teacher's stage heads, fused head, their average ("combined") and, given one weight per
+    stage head then the fused head, their weighted sum ("weighted")."""
     if isinstance(result, torch.Tensor):  # student: one head
         return {"student": result}
     heads = {f"head{k + 1}": logits for k, logits in enumerate(result.full_stage_logits)}
-    return {**heads, "fused": result.fused_logits, "combined": result.combined_logits()}
+    logits = {**heads, "fused": result.fused_logits, "combined": result.combined_logits()}
+    if weights:
+        parts = [*result.full_stage_logits, result.fused_logits]
+        logits["weighted"] = weighted_sum(parts, weights)
+    return logits
+
+
+def weighted_sum(parts: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:
+    if len(parts) != len(weights):
+        raise ValueError(f"{len(weights)} weights for {len(parts)} heads")
+    return sum(float(w) * part.float() for w, part in zip(weights, parts, strict=True))
 
 
 def accuracy_on(

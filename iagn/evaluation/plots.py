@@ -138,3 +138,27 @@ def training_curves(history: list[dict], out: Path, title: str) -> Path:
     acc_axes.legend(fontsize=7)
     figure.suptitle(title)
     return _save(figure, out)
+
+
+def localization_plot(ious: torch.Tensor, deletion: dict[str, dict[str, float]], out: Path):
+    """Left: the distribution of attention-box IoU with the ground truth; right: the served
+    class probability's drop when the most attended vs random pixels are erased."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.hist(ious.numpy(), bins=20, range=(0, 1), color="tab:blue")
+    left.axvline(0.5, linestyle="--", color="gray", label="IoU 0.5 (a hit)")
+    left.set_xlabel("IoU of the attention box with the true box")
+    left.set_ylabel("images")
+    left.set_title("Attention boxes")
+    left.legend()
+    if deletion:
+        fractions = sorted(float(key) for key in deletion)
+        for kind, color in (("attended", "tab:red"), ("random", "tab:gray")):
+            drops = [deletion[f"{f:g}"][kind] for f in fractions]
+            right.plot([100 * f for f in fractions], drops, "o-", color=color, label=kind)
+        right.set_xlabel("pixels erased (%)")
+        right.set_ylabel("drop of the served class probability")
+        right.set_title("Deletion: attended vs random pixels")
+        right.legend()
+    else:
+        right.set_axis_off()
+    return _save(figure, out)

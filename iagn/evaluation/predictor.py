@@ -1,12 +1,13 @@
-"""Predictions with explanations, the same for evaluation, `iagn predict`, and serving.
+"""Predictions with explanations, the same for evaluation, `iagn predict`, serving and
+distillation: everything that defines them comes from the checkpoint's `ServingConfig`.
 
-Teacher (IAGN): one pass gives the three stage heads, the fused head and their combined
-prediction; the fused head's activation map gives the attention box; the two-pass
-prediction averages the combined logits of the full image and of the attended crop
-(the box grown by a fixed margin, resized to the input size).
-Student: one pass, its own activation map and box.
-"final", what is served, is that prediction divided by the checkpoint's fitted temperature
-(iagn/evaluation/calibration.py): the same argmax, calibrated probabilities.
+Teacher (IAGN): one pass gives the stage heads, the fused head and their one-pass
+aggregations (iagn/evaluation/heads.py); the fused head's attribution map, for the class the
+one-pass prediction picks, gives the attention and its box; `two_pass` adds the one-pass
+prediction on the attended crop (the box grown by `crop_margin`, resized to the input size)
+with weight `crop_weight`. Student: one pass, its own map and box.
+"served" is the prediction the configuration names; "final", what people get, is "served"
+divided by the fitted temperature: the same argmax, calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -16,62 +17,84 @@ from dataclasses import dataclass
 import torch
 
 from iagn.evaluation.heads import logits_by_head
+from iagn.evaluation.serving_config import ServingConfig
 from iagn.models.attention import boxes_from_maps, crop_and_resize, expand_boxes
 from iagn.models.iagn import IAGN
 from iagn.precision import autocast
-
-TEST_CROP_MARGIN = 0.1
 
 
 @dataclass
 class Prediction:
     """For a batch of B images of size H x W."""
 
-    logits: dict[str, torch.Tensor]  # head name -> [B, classes]; "final" is what we serve
+    logits: dict[str, torch.Tensor]  # name -> [B, classes]; "final" is what we serve
     attention: torch.Tensor  # [B, h, w] in [0, 1], for the predicted (or given) class
     boxes: torch.Tensor  # [B, 4] XYXY pixels of the input image
 
 
+def default_serving(model: torch.nn.Module) -> ServingConfig:
+    return ServingConfig() if isinstance(model, IAGN) else ServingConfig(aggregation="student")
+
+
 class Predictor:
+    """`diagnostics`: also compute the predictions that are not served (a teacher's
+    two-pass when it serves one pass), for evaluation's comparison."""
+
     def __init__(
         self,
         model: torch.nn.Module,
+        serving: ServingConfig | None = None,
         device: torch.device | str = "cpu",
-        precision: str = "fp32",
-        attention_threshold: float = 0.5,
-        two_pass: bool = True,
-        temperature: float = 1.0,
+        diagnostics: bool = False,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.precision = precision
-        self.threshold = attention_threshold
-        self.two_pass = two_pass
-        self.temperature = temperature
+        self.serving = serving or default_serving(model)
+        self.diagnostics = diagnostics
         self.is_teacher = isinstance(model, IAGN)
+        if self.is_teacher == (self.serving.aggregation == "student"):
+            raise ValueError(f"aggregation {self.serving.aggregation!r} does not fit this model")
+
+    def _boxes(self, cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return boxes_from_maps(cam, size, self.serving.box_threshold, self.serving.box_method)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> Prediction:
-        """`classes`: explain these classes instead of the predicted ones (e.g. the truth)."""
+    def __call__(self, images: torch.Tensor) -> Prediction:
         images = images.to(self.device)
         size = tuple(images.shape[-2:])
-        with autocast(self.precision, self.device):
+        serving = self.serving
+        with autocast(serving.precision, self.device):
             if not self.is_teacher:
-                logits, cam = self.model.forward_with_map(
-                    images, None if classes is None else classes.to(self.device)
-                )
-                logits = {"student": logits.float()}
-                logits["final"] = logits["student"] / self.temperature
-                return Prediction(logits, cam, boxes_from_maps(cam, size, self.threshold))
-            output = self.model(images)
-            logits = {k: v.float() for k, v in logits_by_head(output).items()}
-            target = logits["combined"].argmax(1) if classes is None else classes.to(self.device)
-            cam = self.model.class_activation_map(output, target)
-            boxes = boxes_from_maps(cam, size, self.threshold)
-            served = logits["combined"]
-            if self.two_pass:
-                crops = crop_and_resize(images, expand_boxes(boxes, size, TEST_CROP_MARGIN))
-                second = self.model(crops).combined_logits().float()
-                logits["two_pass"] = served = (logits["combined"] + second) / 2
-            logits["final"] = served / self.temperature
-        return Prediction(logits, cam, boxes)
+                logits, cam = self.model.forward_with_map(images)
+                logits = {"student": logits.float(), "served": logits.float()}
+            else:
+                output = self.model(images)
+                logits = {k: v.float() for k, v in logits_by_head(output, serving.weights).items()}
+                one = logits[serving.one_pass]
+                cam = self.model.class_activation_map(output, one.argmax(1))
+                if serving.aggregation == "two_pass" or self.diagnostics:
+                    crops = self.attended_crops(images, cam)
+                    crop = logits_by_head(self.model(crops), serving.weights)[serving.one_pass]
+                    logits["crop"] = crop.float()
+                    w = serving.crop_weight
+                    logits["two_pass"] = (1 - w) * one + w * logits["crop"]
+                logits["served"] = logits[serving.aggregation]
+        logits["final"] = logits["served"] / serving.temperature
+        return Prediction(logits, cam, self._boxes(cam, size))
+
+    def attended_crops(self, images: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+        size = tuple(images.shape[-2:])
+        boxes = expand_boxes(self._boxes(cam, size), size, self.serving.crop_margin)
+        return crop_and_resize(images, boxes)
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The attention map [B, h, w] and box [B, 4] of given `classes` (e.g. the truth);
+        one pass, no prediction."""
+        images, classes = images.to(self.device), classes.to(self.device)
+        with autocast(self.serving.precision, self.device):
+            if self.is_teacher:
+                cam = self.model.class_activation_map(self.model(images), classes)
+            else:
+                cam = self.model.forward_with_map(images, classes)[1]
+        return cam, self._boxes(cam, tuple(images.shape[-2:]))

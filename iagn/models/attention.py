@@ -1,9 +1,11 @@
 """Attention: boxes from activation maps, attention-guided crops and attention drop.
 
-Box from a map: the map (values in [0, 1]) is upsampled to the image, thresholded at
-`threshold` (default 0.5: the region at least half as active as the peak, as in WS-DAN's
-crop threshold), and the box is the bounding box of the thresholded region. A map that is
-flat everywhere gives the whole image.
+Box from a map: the map (values in [0, 1]) is upsampled to the image and thresholded at
+`threshold` (0.5: the region at least half as active as the peak, as in WS-DAN's crop
+threshold). Method "threshold": the box bounds every pixel above it; "component": only the
+region connected to the peak, so a second active spot elsewhere does not stretch the box.
+A map that is flat everywhere gives the whole image. Serving picks the method and the
+threshold on the validation split (iagn/evaluation/choose.py).
 
 Attention crop: the box, enlarged by a margin (random in [margin_low, margin_high] of the
 box size at train time, fixed at test time), is cut out and resized back to the input size
@@ -26,11 +28,16 @@ def upsample_map(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def boxes_from_maps(
-    cam: torch.Tensor, size: tuple[int, int], threshold: float = 0.5
+    cam: torch.Tensor, size: tuple[int, int], threshold: float = 0.5, method: str = "threshold"
 ) -> torch.Tensor:
     """Boxes [B, 4] (x0, y0, x1, y1 in pixels of an image of `size` = (H, W))."""
     height, width = size
-    mask = upsample_map(cam, size) >= threshold
+    upsampled = upsample_map(cam, size)
+    mask = upsampled >= threshold
+    if method == "component":
+        mask = peak_component(upsampled, mask)
+    elif method != "threshold":
+        raise ValueError(f"unknown box method {method!r}; threshold or component")
     rows, cols = mask.any(dim=2), mask.any(dim=1)  # [B, H], [B, W]
     empty = ~rows.any(dim=1)
     ys = torch.arange(height, device=cam.device).expand_as(rows)
@@ -42,6 +49,22 @@ def boxes_from_maps(
     boxes = torch.stack([x0, y0, x1, y1], dim=1).float()
     full = torch.tensor([0.0, 0.0, width, height], device=cam.device)
     return torch.where(empty.unsqueeze(1), full, boxes)
+
+
+def peak_component(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The 8-connected region of `mask` [B, H, W] that holds each map's peak."""
+    flat = values.flatten(1)
+    region = torch.zeros_like(flat, dtype=torch.bool)
+    region.scatter_(1, flat.argmax(dim=1, keepdim=True), True)
+    region = region.view_as(mask) & mask
+    # Grow by one pixel per round inside the mask until nothing changes (at most H x W
+    # rounds; a compact blob takes about its radius).
+    while True:
+        grown = F.max_pool2d(region.unsqueeze(1).float(), 3, stride=1, padding=1)[:, 0] > 0
+        grown &= mask
+        if torch.equal(grown, region):
+            return region
+        region = grown
 
 
 def peak_points(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,14 +1,21 @@
 """The IAGN teacher: a ResNet trunk with three granularity stages and a fused head.
 
-    image -> stem, layer1 -> layer2 --tap 1--> block 1 -> max pool -> head 1
-                                  -> layer3 --tap 2--> block 2 -> max pool -> head 2
-                                            -> layer4 --tap 3--> block 3 -> max pool -> head 3
+    image -> stem, layer1 -> layer2 --tap 1--> block 1 -> pool -> head 1
+                                  -> layer3 --tap 2--> block 2 -> pool -> head 2
+                                            -> layer4 --tap 3--> block 3 -> pool -> head 3
     fused head: linear on the concatenation of the three pooled stage features
 
 Each block is a 1x1 conv then a 3x3 conv (each with BN and ReLU); each head is one linear
-layer on the globally max-pooled block features. A linear head on pooled features makes the
-class activation map exact (the map is the head's weights applied at every position), so
-the attention shown to people is what the classifier actually used.
+layer on the globally pooled block features (`pooling`: "max", PMG's, or "avg").
+
+The attention shown to people is faithful: `attribution_map` splits the fused logit into
+one contribution per position of tap 1's grid, and those contributions plus the head's bias
+sum to the logit exactly (tests/test_faithful_maps.py). With average pooling a position's
+contribution is the head's weights applied to its features, divided by the number of
+positions (CAM, Zhou et al. 2016); with max pooling each channel contributes only at the
+position of its maximum, the one position the pooled feature came from. Deeper stages'
+coarser cells are spread evenly over the tap-1 cells they cover, so no contribution is
+counted twice or lost.
 
 `forward` takes `exits`: how many leading samples of the batch stop at tap 1, tap 2 and tap 3
 (jigsaw views train only their own stage head); the remaining samples run the full network
@@ -40,6 +47,8 @@ class ModelConfig:
     weights: str = "none"
     jigsaw: tuple[int, ...] = (8, 4, 2)
     class_names: list[str] = field(default_factory=list)
+    # Checkpoints written before the option existed pooled with max.
+    pooling: str = "max"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -86,9 +95,19 @@ class StageBlock(nn.Sequential):
         )
 
 
+POOLINGS = ("max", "avg")
+
+
+def global_pool(features: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, C, h, w] -> [B, C]."""
+    return features.amax(dim=(2, 3)) if pooling == "max" else features.mean(dim=(2, 3))
+
+
 class IAGN(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {config.pooling!r}; choose one of {POOLINGS}")
         self.config = config
         net = build_resnet(config.backbone, config.weights)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
@@ -123,14 +142,14 @@ class IAGN(nn.Module):
             h = self.layers[stage](h)
             leaving, h = h[: exits[stage]], h[exits[stage] :]
             if leaving.shape[0]:
-                pooled = self.blocks[stage](leaving).amax(dim=(2, 3))
+                pooled = global_pool(self.blocks[stage](leaving), self.config.pooling)
                 exit_logits.append(self.heads[stage](pooled))
             else:
                 exit_logits.append(h.new_zeros(0, self.config.num_classes))
             # The full samples are the tail of the batch: skip those that exit deeper.
             features = self.blocks[stage](h[sum(exits[stage + 1 :]) :])
             stage_maps.append(features)
-            full_pooled.append(features.amax(dim=(2, 3)))
+            full_pooled.append(global_pool(features, self.config.pooling))
         return IAGNOutput(
             exit_logits=exit_logits,
             full_stage_logits=[self.heads[k](full_pooled[k]) for k in range(heads)],
@@ -138,33 +157,59 @@ class IAGN(nn.Module):
             stage_maps=stage_maps,
         )
 
-    def class_activation_map(self, output: IAGNOutput, classes: torch.Tensor) -> torch.Tensor:
-        """The fused head's activation map for `classes` ([B] ints): [B, h1, w1] in [0, 1].
-
-        The fused logit is a linear function of the max-pooled stage features, so each
-        stage's contribution at every position is its slice of the fused weights applied to
-        its feature map; the three contributions are upsampled to tap 1's resolution and
-        summed. No extra backward pass.
-        """
+    def attribution_map(self, output: IAGNOutput, classes: torch.Tensor) -> torch.Tensor:
+        """Each tap-1 position's share of the fused logit of `classes` ([B] ints): [B, h1, w1]
+        whose sum plus the head's bias is the fused logit (exactly, up to float rounding)."""
         channels = self.config.stage_channels
         weights = self.fused_head.weight[classes]  # [B, 3 * C]
         size = output.stage_maps[0].shape[-2:]
         total = 0
         for stage, features in enumerate(output.stage_maps):
             w = weights[:, stage * channels : (stage + 1) * channels]
-            cam = torch.einsum("bc,bchw->bhw", w.to(features.dtype), features)
-            total = total + F.interpolate(
-                cam.unsqueeze(1).float(), size=size, mode="bilinear", align_corners=False
-            ).squeeze(1)
-        return normalize_map(total)
+            shares = position_shares(features.float(), w.float(), self.config.pooling)
+            total = total + spread_to(shares, size)
+        return total
+
+    def class_activation_map(self, output: IAGNOutput, classes: torch.Tensor) -> torch.Tensor:
+        """`attribution_map` min-max normalized per image to [0, 1] (no extra pass)."""
+        return normalize_map(self.attribution_map(output, classes))
 
     def stage_activation_map(
         self, output: IAGNOutput, stage: int, classes: torch.Tensor
     ) -> torch.Tensor:
         """Activation map of stage head `stage` (0-based) for `classes`: [B, h, w] in [0, 1]."""
-        w = self.heads[stage].weight[classes]
-        features = output.stage_maps[stage]
-        return normalize_map(torch.einsum("bc,bchw->bhw", w.to(features.dtype), features).float())
+        w = self.heads[stage].weight[classes].float()
+        features = output.stage_maps[stage].float()
+        return normalize_map(position_shares(features, w, self.config.pooling))
+
+
+def position_shares(features: torch.Tensor, weights: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Each position's share of `weights` . pool(`features`): features [B, C, h, w], weights
+    [B, C] -> [B, h, w], summing over positions to the pooled dot product."""
+    if pooling == "avg":
+        positions = features.shape[-2] * features.shape[-1]
+        return torch.einsum("bc,bchw->bhw", weights, features) / positions
+    # Max pooling: channel c's pooled value is its value at its argmax, so its whole
+    # contribution lands there (the first maximum, as amax's gradient would pick one).
+    flat = features.flatten(2)  # [B, C, hw]
+    peak = flat.argmax(dim=2, keepdim=True)
+    pooled = flat.gather(2, peak).squeeze(2)  # [B, C]
+    shares = torch.zeros_like(flat[:, 0])  # [B, hw]
+    shares.scatter_add_(1, peak.squeeze(2), weights * pooled)
+    return shares.view(features.shape[0], *features.shape[-2:])
+
+
+def spread_to(shares: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, h, w] shares -> [B, H, W] (H >= h, W >= w): each cell's share divided evenly among
+    the finer cells nearest-neighbour upsampling gives it, so the total is unchanged."""
+    if tuple(shares.shape[-2:]) == tuple(size):
+        return shares
+    height, width = shares.shape[-2:]
+    cells = torch.arange(height * width, device=shares.device, dtype=torch.float32)
+    owner = F.interpolate(cells.view(1, 1, height, width), size=size, mode="nearest").long()
+    counts = torch.bincount(owner.flatten(), minlength=height * width).clamp_min(1)
+    upsampled = F.interpolate(shares.unsqueeze(1), size=size, mode="nearest").squeeze(1)
+    return upsampled / counts[owner[0, 0]].to(shares.dtype)
 
 
 def normalize_map(cam: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from iagn.models.student import Student, StudentConfig
 from iagn.precision import resolve_precision
 from iagn.train.calibrated import finish_calibrated
-from iagn.train.config import stage_config
+from iagn.train.config import serve_settings, stage_config
 from iagn.train.data import prepare_step_data
 from iagn.train.distributed import init_runtime
 from iagn.train.loop import run_loop, seed_everything, standard_spec
@@ -27,6 +27,7 @@ def run(
 ) -> dict[str, Any]:
     runtime = init_runtime("auto")
     config = stage_config(params, 3)  # the teacher's shared hyperparameters
+    serve = serve_settings(params)
     prepared = prepare_step_data(data, params)
     precision = resolve_precision(config.precision, runtime.device)
     model_cfg = StudentConfig(
@@ -63,5 +64,5 @@ def run(
         description="baseline",
     )
     result = run_loop(spec, Path(out), runtime, quiet=quiet)
-    finished = finish_calibrated(model, result, Path(out), runtime, prepared, config, precision)
+    finished = finish_calibrated(model, result, Path(out), runtime, prepared, config, serve)
     return {"checkpoint": Path(out), "history": finished["history"]}

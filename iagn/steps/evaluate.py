@@ -1,11 +1,17 @@
 """Step `evaluate`: everything people need to judge a teacher or student checkpoint.
 
-On the test split: top-1/top-5 of every head (teacher: three stage heads, fused, combined,
-two-pass; student: its single head), per-class accuracy, confusion matrix, expected
-calibration error with a reliability diagram (of the served, temperature-scaled prediction;
-`ece_uncalibrated` without the scaling), localization of the attention against the
-ground-truth boxes (pointing game and box accuracy), an attention gallery of a fixed sample
-of test images, latency and throughput on the current device, parameter count and size.
+Everything describes the served prediction first, exactly as the checkpoint's serving
+configuration defines it (aggregation, box, crop, precision, temperature:
+iagn/evaluation/serving_config.py): `top1`, `top5`, per-class accuracy, the confusion
+matrix, expected calibration error with a reliability diagram (`ece_uncalibrated` without
+the temperature), latency and throughput. Every other prediction of a teacher (each stage
+head, fused, combined, weighted, the attended crop alone, two-pass) is reported beside it as
+`top1_<name>`, a diagnostic. On the chosen split (test by default):
+- localization of the attention against the ground-truth boxes (pointing game, box
+  accuracy, the IoU distribution) with the chance level of each and the lift above it;
+- deletion: the served class probability's drop when the most attended or random pixels
+  are erased (iagn/evaluation/deletion.py);
+- an attention gallery of a fixed sample of images, parameter count and size.
 """
 
 from __future__ import annotations
@@ -17,28 +23,40 @@ import torch
 
 from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from iagn.device import device_name, pick_device
-from iagn.evaluation.calibration import checkpoint_temperature
-from iagn.evaluation.localization import box_hits, ground_truth_boxes, pointing_hits
+from iagn.evaluation.deletion import FRACTIONS, deletion_drops
+from iagn.evaluation.localization import (
+    box_chance,
+    ground_truth_boxes,
+    pointing_chance,
+    pointing_hits,
+)
 from iagn.evaluation.metrics import calibration, confusion_matrix, per_class_accuracy, topk_accuracy
-from iagn.evaluation.plots import attention_gallery, confusion_plot, reliability_plot
+from iagn.evaluation.plots import (
+    attention_gallery,
+    confusion_plot,
+    localization_plot,
+    reliability_plot,
+)
 from iagn.evaluation.predictor import Predictor
+from iagn.evaluation.serving_config import serving_config_of
 from iagn.evaluation.speed import file_size_mb, measure_speed, parameter_count
 from iagn.io import write_json_atomic
+from iagn.models.attention import box_iou
 from iagn.models.load import load_model
-from iagn.precision import resolve_precision
 from iagn.train.data import prepare_step_data
 
 METRICS_FILE = "metrics.json"
+IOU_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def evaluate_section(params: dict) -> dict[str, Any]:
     defaults = {
         "batch_size": 32,
-        "attention_threshold": 0.5,
         "gallery_size": 8,
-        "precision": "auto",
         "speed_repeats": 10,
         "split": "test",
+        "deletion_fractions": list(FRACTIONS),
+        "seed": 0,
     }
     return {**defaults, **params.get("evaluate", {})}
 
@@ -58,33 +76,36 @@ def run(
     model, checkpoint = load_model(model_path)
     prepared = prepare_step_data(data, params)
     torch_device = pick_device(device)
-    precision = resolve_precision(settings["precision"], torch_device)
-    temperature = checkpoint_temperature(checkpoint)
-    predictor = Predictor(
-        model, torch_device, precision, settings["attention_threshold"], temperature=temperature
-    )
+    serving = serving_config_of(checkpoint)
+    predictor = Predictor(model, serving, torch_device, diagnostics=True)
     loader = prepared.loader(settings["split"], train=False, batch_size=settings["batch_size"])
+    fractions = tuple(float(f) for f in settings["deletion_fractions"])
+    generator = torch.Generator().manual_seed(int(settings["seed"]))
 
     logits: dict[str, list] = {}
-    labels, points, boxes_ok, usable = [], [], [], []
+    seen: dict[str, list] = {}
     gallery: dict[str, list] = {"images": [], "maps": [], "pred": [], "true": [], "titles": []}
     for batch in loader:
         images, batch_labels = batch["image"], batch["label"]
         predicted = predictor(images)
         for key, value in predicted.logits.items():
             logits.setdefault(key, []).append(value.cpu())
+        seen.setdefault("label", []).append(batch_labels)
         # Localization is judged on the true class's map (the standard protocol).
-        explained = (
-            predictor(images, classes=batch_labels)
-            if _needs_true_map(predicted, batch_labels)
-            else predicted
-        )
+        maps, boxes = predictor.explain(images, batch_labels)
         truth, has_box = ground_truth_boxes(batch["boxes"], batch["box_valid"])
         size = tuple(images.shape[-2:])
-        points.append(pointing_hits(explained.attention.cpu(), truth, size))
-        boxes_ok.append(box_hits(explained.boxes.cpu(), truth))
-        usable.append(has_box)
-        labels.append(batch_labels)
+        boxes = boxes.cpu()
+        seen.setdefault("pointing", []).append(pointing_hits(maps.cpu(), truth, size))
+        seen.setdefault("iou", []).append(box_iou(boxes, truth))
+        seen.setdefault("pointing_chance", []).append(pointing_chance(truth, size))
+        seen.setdefault("box_chance", []).append(box_chance(boxes, truth, size, generator))
+        seen.setdefault("usable", []).append(has_box)
+        for fraction, drops in deletion_drops(
+            predictor, images, predicted, fractions, generator
+        ).items():
+            for kind, values in drops.items():
+                seen.setdefault(f"deletion {fraction} {kind}", []).append(values)
         missing = settings["gallery_size"] - len(gallery["images"])
         for i in range(min(missing, len(images))):
             final = predicted.logits["final"][i].softmax(0)
@@ -97,42 +118,64 @@ def run(
             truth_name = prepared.class_names[int(batch_labels[i])]
             gallery["titles"].append(f"{name} ({float(final[guess]):.2f}); true {truth_name}")
 
-    labels_t = torch.cat(labels)
+    seen_t = {key: torch.cat(values) for key, values in seen.items()}
+    labels_t = seen_t["label"]
     merged = {key: torch.cat(values) for key, values in logits.items()}
     metrics: dict[str, Any] = {"kind": checkpoint["kind"], "split": settings["split"]}
     metrics["images"] = len(labels_t)
+    metrics["served"] = serving.aggregation
+    metrics["serving"] = serving.to_dict()
+    final = merged["final"]
+    metrics["top1"] = topk_accuracy(final, labels_t, 1)
+    metrics["top5"] = topk_accuracy(final, labels_t, 5)
     for key, value in merged.items():
         metrics[f"top1_{key}"] = topk_accuracy(value, labels_t, 1)
         metrics[f"top5_{key}"] = topk_accuracy(value, labels_t, 5)
-    final = merged["final"]
-    metrics["top1"] = metrics["top1_final"]
-    metrics["top5"] = metrics["top5_final"]
     confusion = confusion_matrix(final.argmax(1), labels_t, prepared.num_classes)
     metrics["per_class_accuracy"] = dict(
         zip(prepared.class_names, per_class_accuracy(confusion), strict=True)
     )
     ece, table = calibration(final, labels_t)
     metrics["ece"] = ece
-    metrics["temperature"] = temperature
-    metrics["ece_uncalibrated"] = calibration(final * temperature, labels_t)[0]
-    usable_t = torch.cat(usable)
-    if usable_t.any():
-        metrics["pointing_game"] = float(torch.cat(points)[usable_t].float().mean())
-        metrics["box_accuracy"] = float(torch.cat(boxes_ok)[usable_t].float().mean())
+    metrics["temperature"] = serving.temperature
+    metrics["ece_uncalibrated"] = calibration(merged["served"], labels_t)[0]
+    usable = seen_t["usable"]
+    ious = seen_t["iou"][usable]
+    if usable.any():
+        metrics.update(_localization(seen_t, usable))
+        quantiles = torch.quantile(ious, torch.tensor(IOU_QUANTILES))
+        metrics["box_iou_mean"] = float(ious.mean())
+        for q, value in zip(IOU_QUANTILES, quantiles.tolist(), strict=True):
+            metrics[f"box_iou_p{round(q * 100)}"] = value
+    deletion = {
+        f"{f:g}": {
+            kind: float(seen_t[f"deletion {f:g} {kind}"].mean()) for kind in ("attended", "random")
+        }
+        for f in fractions
+    }
+    for fraction, drops in deletion.items():
+        percent = round(float(fraction) * 100)
+        metrics[f"deletion_attended_{percent}"] = drops["attended"]
+        metrics[f"deletion_random_{percent}"] = drops["random"]
     crop = prepared.config.crop
+    served_only = Predictor(model, serving, torch_device)  # no diagnostics: what is served
     speed = measure_speed(
-        lambda x: predictor(x), (3, crop, crop), torch_device, repeats=settings["speed_repeats"]
+        served_only,
+        (3, crop, crop),
+        torch_device,
+        repeats=settings["speed_repeats"],
     )
     metrics.update(speed)
     metrics["parameters"] = parameter_count(model)
     metrics["checkpoint_mb"] = file_size_mb(model_path)
     metrics["device"] = device_name(torch_device)
-    metrics["precision"] = precision
+    metrics["precision"] = serving.precision
     metrics["data_digest"] = checkpoint["data"]["digest"]  # the training data: which model
     metrics["eval_data_digest"] = prepared.split_digest(settings["split"])  # what it was tested on
 
     confusion_plot(confusion, prepared.class_names, out / "confusion_matrix.png")
     reliability_plot(table, ece, out / "reliability.png")
+    localization_plot(ious, deletion, out / "localization.png")
     if gallery["images"]:
         attention_gallery(
             torch.stack(gallery["images"]),
@@ -149,8 +192,16 @@ def run(
     return metrics
 
 
-def _needs_true_map(predicted, labels: torch.Tensor) -> bool:
-    """A second pass only when some explained class is wrong (the maps explain the combined
-    prediction for the teacher, the only head for the student)."""
-    explained = predicted.logits.get("combined", predicted.logits["final"])
-    return bool((explained.argmax(1).cpu() != labels).any())
+def _localization(seen: dict[str, torch.Tensor], usable: torch.Tensor) -> dict[str, float]:
+    pointing = float(seen["pointing"][usable].float().mean())
+    pointing_base = float(seen["pointing_chance"][usable].mean())
+    boxes = float((seen["iou"][usable] >= 0.5).float().mean())
+    boxes_base = float(seen["box_chance"][usable].mean())
+    return {
+        "pointing_game": pointing,
+        "pointing_game_chance": pointing_base,
+        "pointing_game_lift": pointing - pointing_base,
+        "box_accuracy": boxes,
+        "box_accuracy_chance": boxes_base,
+        "box_accuracy_lift": boxes - boxes_base,
+    }

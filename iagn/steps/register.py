@@ -3,7 +3,8 @@
 A candidate (the student; the teacher too when `register.register_teacher`) is registered
 only when its evaluation (metrics.json of `iagn evaluate`) passes every check of
 `register.gate` in params.yaml: top-1 at least `min_top1`, pointing game at least
-`min_pointing_game`, latency at most `max_latency_ms` (null skips a check). The student goes
+`min_pointing_game_lift` above its chance level (so a map that points at random cannot
+pass), latency at most `max_latency_ms` (null skips a check). The student goes
 to the registered model `register.model_name`, the teacher to `<model_name>-teacher`.
 
 Each new version carries its evaluation as tags: the metrics of VERSION_METRICS written as
@@ -73,7 +74,8 @@ _MODEL_NAME = re.compile(r"^[\w.\- ]{1,200}$")
 @dataclass
 class Gate:
     min_top1: float | None = None
-    min_pointing_game: float | None = None
+    # Pointing game minus its chance level (what a random peak scores on these boxes).
+    min_pointing_game_lift: float | None = None
     max_latency_ms: float | None = None
 
 
@@ -102,7 +104,15 @@ def register_config(params: dict) -> RegisterConfig:
     from iagn.train.config import from_mapping  # imports torch: not for `iagn models --name`
 
     values = dict(params.get("register") or {})
-    gate = from_mapping(Gate, values.pop("gate", None) or {}, "register.gate")
+    gate_values = values.pop("gate", None) or {}
+    if "min_pointing_game" in gate_values:
+        raise IagnError(
+            "params.yaml register.gate.min_pointing_game was replaced by "
+            "min_pointing_game_lift: an absolute floor lets a chance-level map through (a "
+            "random peak hits a box covering a fifth of the image a fifth of the time). Set "
+            "min_pointing_game_lift, the pointing game minus its chance level, e.g. 0.3"
+        )
+    gate = from_mapping(Gate, gate_values, "register.gate")
     promote = from_mapping(Promote, values.pop("promote", None) or {}, "register.promote")
     config = from_mapping(RegisterConfig, values, "register")
     config.gate, config.promote = gate, promote
@@ -152,7 +162,7 @@ def gate_failures(metrics: dict[str, Any], gate: Gate) -> list[str]:
     """Each failed check of the gate, as a sentence; empty when the model may be registered."""
     checks = (
         ("top1", gate.min_top1, "min_top1", ">="),
-        ("pointing_game", gate.min_pointing_game, "min_pointing_game", ">="),
+        ("pointing_game_lift", gate.min_pointing_game_lift, "min_pointing_game_lift", ">="),
         ("latency_ms", gate.max_latency_ms, "max_latency_ms", "<="),
     )
     failures = []
@@ -162,7 +172,7 @@ def gate_failures(metrics: dict[str, Any], gate: Gate) -> list[str]:
         value = metrics.get(metric)
         if not isinstance(value, int | float):
             failures.append(
-                f"{metric} was not measured (a dataset without boxes has no pointing_game); "
+                f"{metric} was not measured (a dataset without boxes has no pointing game); "
                 f"set register.gate.{key} to null to skip this check"
             )
         elif (value < bound) if op == ">=" else (value > bound):
