@@ -104,3 +104,49 @@ def test_erase_removes_exactly_the_top_scoring_pixels():
     erased = _erase(images, scores, 5)
     assert (erased[:, 0] == 0).flatten(1).sum(1).tolist() == [5, 5]
     assert erased[0, :, 3, 3].eq(0).all() and erased[0, :, 0, 0].eq(1).all()
+
+
+def test_a_two_pass_that_wins_on_validation_is_served_and_calibrated(monkeypatch):
+    """When the crop helps on the validation split, two-pass is chosen, its temperature is
+    fitted on the two-pass logits, and the record names it."""
+    from iagn.models.iagn import IAGN, ModelConfig
+
+    torch.manual_seed(0)
+    model = IAGN(ModelConfig(num_classes=3, stage_channels=8)).eval()
+    images = torch.randn(12, 3, 32, 32)
+    labels = torch.arange(12) % 3
+    batch = {
+        "image": images,
+        "label": labels,
+        "boxes": torch.zeros(12, 2, 4),
+        "box_valid": torch.zeros(12, 2, dtype=torch.bool),
+    }
+    perfect = torch.nn.functional.one_hot(labels, 3).float() * 50
+
+    def crops_that_know(model, config, loader, device):
+        full = choose._served_logits(
+            config, choose._one_pass_outputs(choose.Predictor(model, config, device), loader)
+        )
+        return full, perfect
+
+    monkeypatch.setattr(choose, "_crop_logits", crops_that_know)
+    config, fitted = choose.choose_serving(model, [batch], torch.device("cpu"), ServeSettings())
+    # Both crop weights reach 1.0: a tie keeps the first listed.
+    assert config.aggregation == "two_pass" and config.crop_weight == 0.25
+    assert config.chosen_on["top1_served"] == 1.0
+    assert config.temperature == fitted["temperature"] and fitted["images"] == 12
+
+
+def test_only_two_pass_listed_serves_two_pass(monkeypatch):
+    from iagn.models.iagn import IAGN, ModelConfig
+
+    model = IAGN(ModelConfig(num_classes=3, stage_channels=8)).eval()
+    batch = {
+        "image": torch.randn(6, 3, 32, 32),
+        "label": torch.arange(6) % 3,
+        "boxes": torch.zeros(6, 2, 4),
+        "box_valid": torch.zeros(6, 2, dtype=torch.bool),
+    }
+    settings = ServeSettings(aggregations=("two_pass",), crop_weights=(0.25,))
+    config, _ = choose.choose_serving(model, [batch], torch.device("cpu"), settings)
+    assert (config.aggregation, config.base, config.crop_weight) == ("two_pass", "combined", 0.25)

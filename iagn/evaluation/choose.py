@@ -42,16 +42,17 @@ def choose_serving(
     predictor = Predictor(model, base, device)
     seen = _one_pass_outputs(predictor, loader)
     config, box_scores = _choose_box(base, seen, settings)
-    scores: dict[str, float] = {}
-    if predictor.is_teacher:
-        config, scores = _choose_prediction(model, config, seen, loader, device, settings)
-    served = _served_logits(config, seen)
     labels = seen["label"]
-    scores.setdefault(config.aggregation, _accuracy(served, labels))
+    if predictor.is_teacher:
+        config, scores, served = _choose_prediction(model, config, seen, loader, device, settings)
+    else:
+        served = seen["student"]
+        scores = {"student": _accuracy(served, labels)}
     fitted = calibrate(served, labels, "val")
     chosen_on = {
         "split": "val",
         "images": len(labels),
+        "top1_served": _accuracy(served, labels),
         "top1": scores,
         "box_accuracy": box_scores,
     }
@@ -110,20 +111,23 @@ def _choose_prediction(model, config, seen, loader, device, settings: ServeSetti
             continue
         weights = fit_head_weights(seen["parts"], labels) if name == "weighted" else ()
         candidates.append((name, replace(config, aggregation=name, weights=weights)))
-    if not candidates:  # two_pass alone: its base is the combined prediction
+    only_two_pass = not candidates  # then it is served, on the combined prediction
+    if only_two_pass:
         candidates.append(("combined", replace(config, aggregation="combined")))
     one_pass = [(name, c, _accuracy(_served_logits(c, seen), labels)) for name, c in candidates]
     best_name, best, best_score = max(one_pass, key=lambda item: item[2])
+    best_score = -1.0 if only_two_pass else best_score
     scores = {name: score for name, _, score in one_pass if name in settings.aggregations}
+    served = _served_logits(best, seen)
     if "two_pass" in settings.aggregations:
         full, crop = _crop_logits(model, best, loader, device)
         for weight in settings.crop_weights:
-            score = _accuracy((1 - weight) * full + weight * crop, labels)
-            scores[f"two_pass@{weight}"] = score
+            mixed = (1 - weight) * full + weight * crop
+            score = scores[f"two_pass@{weight}"] = _accuracy(mixed, labels)
             if score > best_score:
-                best_score = score
+                best_score, served = score, mixed
                 best = replace(best, aggregation="two_pass", base=best_name, crop_weight=weight)
-    return best, scores
+    return best, scores, served
 
 
 def _crop_logits(model, config: ServingConfig, loader, device):

@@ -44,13 +44,7 @@ def finish_calibrated(
         record = {
             **calibration_metrics(fitted),
             "served": serving.aggregation,
-            "val_acc_served": serving.chosen_on["top1"][_score_key(serving)],
+            "val_acc_served": serving.chosen_on["top1_served"],
         }
     history = finish_run(out, result, runtime, extra, record)
     return {"checkpoint": out, "history": history, "metrics": history[-1] if history else {}}
-
-
-def _score_key(serving) -> str:
-    if serving.aggregation == "two_pass":
-        return f"two_pass@{serving.crop_weight}"
-    return serving.aggregation
