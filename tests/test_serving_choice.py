@@ -37,10 +37,21 @@ def test_the_box_is_chosen_by_validation_box_accuracy():
         "usable": torch.ones(4, dtype=torch.bool),
         "size": SIZE,
     }
-    settings = ServeSettings(box_thresholds=(0.3, 0.5))
+    settings = ServeSettings(box_methods=("threshold", "component"), box_thresholds=(0.3, 0.5))
     config, scores = choose._choose_box(ServingConfig(), seen, settings)
     assert config.box_method == "component"
     assert scores["threshold@0.5"] == 0.0 and scores["component@0.5"] == 1.0
+
+
+def test_a_centroid_box_sits_on_the_weighted_centre_of_the_peak_region():
+    cam = two_blobs(1)  # the peak blob covers map cells 1..2: pixels 4..12, centre 8
+    box = boxes_from_maps(cam, SIZE, 0.5, "centroid", box_size=0.25)[0]
+    assert box.tolist() == pytest.approx([4.0, 4.0, 12.0, 12.0], abs=0.6)
+    # Near the border the box shifts inside rather than shrink.
+    corner = torch.zeros(1, 8, 8)
+    corner[0, 0, 0] = 1.0
+    box = boxes_from_maps(corner, SIZE, 0.5, "centroid", box_size=0.5)[0]
+    assert box.tolist() == [0.0, 0.0, 16.0, 16.0]
 
 
 def test_without_ground_truth_boxes_the_default_box_stays():

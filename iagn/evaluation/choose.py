@@ -1,15 +1,17 @@
 """Choose a model's served prediction on the validation split (never the test split).
 
 After training, for the settings in params.yaml `serve` (`ServeSettings`):
-1. Box: every box method and threshold is scored on the true class's map against the
-   ground-truth boxes (box accuracy, IoU >= 0.5; ties: mean IoU, then the earlier
-   candidate); without boxes the default (threshold 0.5) stays.
+1. Box: every box method, threshold (and size, for centroid boxes) is scored on the true
+   class's map against the ground-truth boxes (box accuracy, IoU >= 0.5; ties: mean IoU,
+   then the earlier candidate); without boxes the default (threshold 0.5) stays.
 2. Teacher prediction: fused, combined, weighted (one non-negative weight per head, fitted
    on the validation split's negative log-likelihood) and two-pass (the best one-pass
    prediction on the full image and on the attended crop, each crop weight) are scored by
-   validation top-1; the best wins, ties go to the cheaper one (one pass before two, fewer
-   fitted numbers first). The validation split both fits the weights and picks the winner,
-   so its score is optimistic; the test split (`iagn evaluate`) gives the unbiased figure.
+   validation top-1, cheapest first: fused or combined (the better; a tie keeps fused),
+   then weighted and two-pass only if they beat that by `min_gain` (a point or two of
+   validation accuracy is a few images: noise, not a reason to pay for a second pass). The
+   validation split both fits the weights and picks the winner, so its score is
+   optimistic; the test split (`iagn evaluate`) gives the unbiased figure.
 3. Temperature: fitted on the chosen prediction (iagn/evaluation/calibration.py).
 """
 
@@ -37,7 +39,10 @@ def choose_serving(
     """The serving configuration for `model` chosen on `loader` (the validation split) and
     the temperature fit's statistics (`calibrate`)."""
     base = replace(
-        default_serving(model), precision=settings.precision, crop_margin=settings.crop_margin
+        default_serving(model),
+        precision=settings.precision,
+        crop_threshold=settings.crop_threshold,
+        crop_margin=settings.crop_margin,
     )
     predictor = Predictor(model, base, device)
     seen = _one_pass_outputs(predictor, loader)
@@ -94,13 +99,18 @@ def _choose_box(base: ServingConfig, seen: dict, settings: ServeSettings):
     maps, truth = seen["map"][usable], seen["truth"][usable]
     scored = []
     for method in settings.box_methods:
+        sizes = settings.box_sizes if method == "centroid" else (base.box_size,)
         for threshold in settings.box_thresholds:
-            iou = box_iou(boxes_from_maps(maps, seen["size"], threshold, method), truth)
-            score = (float((iou >= 0.5).float().mean()), float(iou.mean()))
-            scored.append((score, f"{method}@{threshold}", method, threshold))
+            for box_size in sizes:
+                boxes = boxes_from_maps(maps, seen["size"], threshold, method, box_size)
+                iou = box_iou(boxes, truth)
+                score = (float((iou >= 0.5).float().mean()), float(iou.mean()))
+                name = f"{method}@{threshold}" + (f"x{box_size}" if method == "centroid" else "")
+                box = {"box_method": method, "box_threshold": threshold, "box_size": box_size}
+                scored.append((score, name, box))
     best = max(scored, key=lambda item: item[0])  # max keeps the first of equal scores
-    config = replace(base, box_method=best[2], box_threshold=float(best[3]))
-    return config, {name: score[0] for score, name, _, _ in scored}
+    config = replace(base, **best[2])
+    return config, {name: score[0] for score, name, _ in scored}
 
 
 def _choose_prediction(model, config, seen, loader, device, settings: ServeSettings):
@@ -115,19 +125,28 @@ def _choose_prediction(model, config, seen, loader, device, settings: ServeSetti
     if only_two_pass:
         candidates.append(("combined", replace(config, aggregation="combined")))
     one_pass = [(name, c, _accuracy(_served_logits(c, seen), labels)) for name, c in candidates]
-    best_name, best, best_score = max(one_pass, key=lambda item: item[2])
-    best_score = -1.0 if only_two_pass else best_score
+    best_name, best, best_score = one_pass[0]
+    for name, candidate, score in one_pass[1:]:  # cheapest first
+        if score >= best_score + _gain(name, best_name, settings):
+            best_name, best, best_score = name, candidate, score
     scores = {name: score for name, _, score in one_pass if name in settings.aggregations}
     served = _served_logits(best, seen)
     if "two_pass" in settings.aggregations:
         full, crop = _crop_logits(model, best, loader, device)
+        bar = -1.0 if only_two_pass else best_score + settings.min_gain
         for weight in settings.crop_weights:
             mixed = (1 - weight) * full + weight * crop
             score = scores[f"two_pass@{weight}"] = _accuracy(mixed, labels)
-            if score > best_score:
+            if score >= bar and (best.aggregation != "two_pass" or score > best_score):
                 best_score, served = score, mixed
                 best = replace(best, aggregation="two_pass", base=best_name, crop_weight=weight)
     return best, scores, served
+
+
+def _gain(name: str, current: str, settings: ServeSettings) -> float:
+    """What `name` must add to `current`'s score to replace it: fused and combined cost the
+    same (one pass, nothing fitted), so a strict improvement; weighted must earn its fit."""
+    return settings.min_gain if name == "weighted" else 1e-9
 
 
 def _crop_logits(model, config: ServingConfig, loader, device):

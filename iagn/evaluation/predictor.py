@@ -4,8 +4,9 @@ distillation: everything that defines them comes from the checkpoint's `ServingC
 Teacher (IAGN): one pass gives the stage heads, the fused head and their one-pass
 aggregations (iagn/evaluation/heads.py); the fused head's attribution map, for the class the
 one-pass prediction picks, gives the attention and its box; `two_pass` adds the one-pass
-prediction on the attended crop (the box grown by `crop_margin`, resized to the input size)
-with weight `crop_weight`. Student: one pass, its own map and box.
+prediction on the attended crop (the box above `crop_threshold` grown by `crop_margin`,
+resized to the input size: drawn like training's attention crops, independent of the box
+shown) with weight `crop_weight`. Student: one pass, its own map and box.
 "served" is the prediction the configuration names; "final", what people get, is "served"
 divided by the fitted temperature: the same argmax, calibrated probabilities.
 """
@@ -56,7 +57,10 @@ class Predictor:
             raise ValueError(f"aggregation {self.serving.aggregation!r} does not fit this model")
 
     def _boxes(self, cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return boxes_from_maps(cam, size, self.serving.box_threshold, self.serving.box_method)
+        serving = self.serving
+        return boxes_from_maps(
+            cam, size, serving.box_threshold, serving.box_method, serving.box_size
+        )
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> Prediction:
@@ -83,9 +87,10 @@ class Predictor:
         return Prediction(logits, cam, self._boxes(cam, size))
 
     def attended_crops(self, images: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+        """The crops two-pass classifies: drawn like training's attention crops."""
         size = tuple(images.shape[-2:])
-        boxes = expand_boxes(self._boxes(cam, size), size, self.serving.crop_margin)
-        return crop_and_resize(images, boxes)
+        boxes = boxes_from_maps(cam, size, self.serving.crop_threshold)
+        return crop_and_resize(images, expand_boxes(boxes, size, self.serving.crop_margin))
 
     @torch.no_grad()
     def explain(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, ...]:

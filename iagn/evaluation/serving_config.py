@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from iagn.models.attention import BOX_METHODS
+
 # One-pass teacher predictions, cheapest first (ties in the choice go to the cheaper one).
 ONE_PASS = ("fused", "combined", "weighted")
 AGGREGATIONS = (*ONE_PASS, "two_pass", "student")
-BOX_METHODS = ("threshold", "component")
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,17 @@ class ServingConfig:
     base: str = "combined"
     # weighted: one weight per stage head, then the fused head (fitted on validation data).
     weights: tuple[float, ...] = ()
-    crop_margin: float = 0.1  # the attended box grows by this x its size on each side
+    # two_pass's crop: the box around the map above crop_threshold, grown by crop_margin x
+    # its size on each side, as training's attention crops are (train.attention_threshold,
+    # the middle of train.attention_crop_margin); independent of the box shown to people.
+    crop_threshold: float = 0.5
+    crop_margin: float = 0.2
     crop_weight: float = 0.5  # two_pass = (1 - w) x full image + w x crop
-    box_method: str = "threshold"  # threshold: the box around every pixel above it;
-    box_threshold: float = 0.5  # component: only the region connected to the peak
+    # threshold: the box around every pixel above the threshold; component: only the region
+    # connected to the peak; centroid: a box_size x the image box at that region's centre.
+    box_method: str = "threshold"
+    box_threshold: float = 0.5
+    box_size: float = 0.25
     precision: str = "fp32"
     temperature: float = 1.0
     # What the choice saw: split, images, the validation score of every candidate.
@@ -82,10 +90,15 @@ class ServeSettings:
 
     precision: str = "fp32"
     aggregations: tuple[str, ...] = ("fused", "combined", "weighted", "two_pass")
-    crop_margin: float = 0.1
+    # A costlier prediction (weighted over fused or combined, two passes over one) is served
+    # only when it beats the cheaper one's validation top-1 by at least this.
+    min_gain: float = 0.02
+    crop_threshold: float = 0.5
+    crop_margin: float = 0.2
     crop_weights: tuple[float, ...] = (0.25, 0.5)
     box_methods: tuple[str, ...] = BOX_METHODS
     box_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    box_sizes: tuple[float, ...] = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5)  # centroid boxes
 
     def problems(self) -> list[str]:
         known = (*ONE_PASS, "two_pass")
@@ -101,6 +114,10 @@ class ServeSettings:
             problems.append("crop_weights: list weights in (0, 1]")
         if self.precision not in ("fp32", "bf16", "fp16"):
             problems.append("precision: fp32, bf16 or fp16 (what every consumer serves in)")
+        if not 0 <= self.min_gain < 1:
+            problems.append("min_gain: a top-1 difference in [0, 1)")
+        if not 0 < self.crop_threshold < 1:
+            problems.append("crop_threshold: a fraction of the peak between 0 and 1")
         if self.crop_margin < 0:
             problems.append("crop_margin: must be >= 0")
         return problems

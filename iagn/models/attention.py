@@ -3,9 +3,12 @@
 Box from a map: the map (values in [0, 1]) is upsampled to the image and thresholded at
 `threshold` (0.5: the region at least half as active as the peak, as in WS-DAN's crop
 threshold). Method "threshold": the box bounds every pixel above it; "component": only the
-region connected to the peak, so a second active spot elsewhere does not stretch the box.
-A map that is flat everywhere gives the whole image. Serving picks the method and the
-threshold on the validation split (iagn/evaluation/choose.py).
+region connected to the peak, so a second active spot elsewhere does not stretch the box;
+"centroid": a box of `box_size` x the image's sides centred on the map-weighted centre of
+that region. A coarse map (8 x 8 at tap 1 for a 64 px image) places a part better than it
+outlines it, so its extent overstates small parts. A map that is flat everywhere gives the
+whole image. Serving picks the method, threshold and size on the validation split
+(iagn/evaluation/choose.py).
 
 Attention crop: the box, enlarged by a margin (random in [margin_low, margin_high] of the
 box size at train time, fixed at test time), is cut out and resized back to the input size
@@ -27,17 +30,27 @@ def upsample_map(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(cam.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+BOX_METHODS = ("threshold", "component", "centroid")
+
+
 def boxes_from_maps(
-    cam: torch.Tensor, size: tuple[int, int], threshold: float = 0.5, method: str = "threshold"
+    cam: torch.Tensor,
+    size: tuple[int, int],
+    threshold: float = 0.5,
+    method: str = "threshold",
+    box_size: float = 0.25,
 ) -> torch.Tensor:
     """Boxes [B, 4] (x0, y0, x1, y1 in pixels of an image of `size` = (H, W))."""
+    if method not in BOX_METHODS:
+        raise ValueError(f"unknown box method {method!r}; one of {BOX_METHODS}")
     height, width = size
     upsampled = upsample_map(cam, size)
     mask = upsampled >= threshold
-    if method == "component":
+    if method != "threshold":
         mask = peak_component(upsampled, mask)
-    elif method != "threshold":
-        raise ValueError(f"unknown box method {method!r}; threshold or component")
+    if method == "centroid":
+        weights = (upsampled - threshold).clamp_min(0) * mask
+        return centred_boxes(weights, size, box_size)
     rows, cols = mask.any(dim=2), mask.any(dim=1)  # [B, H], [B, W]
     empty = ~rows.any(dim=1)
     ys = torch.arange(height, device=cam.device).expand_as(rows)
@@ -65,6 +78,22 @@ def peak_component(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if torch.equal(grown, region):
             return region
         region = grown
+
+
+def centred_boxes(weights: torch.Tensor, size: tuple[int, int], box_size: float) -> torch.Tensor:
+    """Boxes of `box_size` x (W, H) centred on the weighted centre of `weights` [B, H, W]
+    (the image centre where all weights are 0), shifted inside the image."""
+    height, width = size
+    total = weights.sum(dim=(1, 2))
+    ys = torch.arange(height, device=weights.device, dtype=weights.dtype) + 0.5
+    xs = torch.arange(width, device=weights.device, dtype=weights.dtype) + 0.5
+    safe = total.clamp_min(1e-12)
+    cx = torch.where(total > 0, (weights.sum(dim=1) * xs).sum(dim=1) / safe, width / 2)
+    cy = torch.where(total > 0, (weights.sum(dim=2) * ys).sum(dim=1) / safe, height / 2)
+    half_w, half_h = box_size * width / 2, box_size * height / 2
+    x0 = (cx - half_w).clamp(0, width - 2 * half_w)
+    y0 = (cy - half_h).clamp(0, height - 2 * half_h)
+    return torch.stack([x0, y0, x0 + 2 * half_w, y0 + 2 * half_h], dim=1).float()
 
 
 def peak_points(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
