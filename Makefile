@@ -59,7 +59,7 @@ format: setup  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
 
 BENCHES := bench.validate_throughput bench.train_throughput bench.step_throughput bench.quality \
-	bench.kfp_overhead bench.serving_load
+	bench.kfp_overhead bench.serving_load bench.time_to_accuracy
 
 bench: setup  ## run the benchmarks; results land in bench/results/
 	@for bench in $(BENCHES); do echo "== $$bench"; $(BIN)/python -m $$bench || exit 1; done

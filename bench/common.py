@@ -48,16 +48,22 @@ def markdown_table(header: list[str], align: list[str], rows: list[list[str]]) -
     return [f"| {' | '.join(cells)} |" for cells in (header, rule, *rows)]
 
 
-def sgd(model, train: dict) -> torch.optim.Optimizer:
-    """SGD with the IAGN model's two learning-rate groups, from a params.yaml `train` section."""
+def loop_sgd(param_groups: list[dict], momentum: float, weight_decay: float):
+    """The optimizer iagn/train/loop.py's `run_loop` builds (Nesterov SGD), for every loop a
+    benchmark compares; keep the two the same."""
     return torch.optim.SGD(
-        [
-            {"params": model.backbone_parameters(), "lr": train["lr_backbone"]},
-            {"params": model.head_parameters(), "lr": train["lr_head"]},
-        ],
-        momentum=train["momentum"],
-        weight_decay=train["weight_decay"],
+        param_groups, momentum=momentum, weight_decay=weight_decay, nesterov=True
     )
+
+
+def sgd(model, train: dict) -> torch.optim.Optimizer:
+    """`loop_sgd` with the model's two learning-rate groups (`backbone_parameters`,
+    `head_parameters`), from a params.yaml `train` section."""
+    groups = [
+        {"params": model.backbone_parameters(), "lr": train["lr_backbone"]},
+        {"params": model.head_parameters(), "lr": train["lr_head"]},
+    ]
+    return loop_sgd(groups, train["momentum"], train["weight_decay"])
 
 
 def demo_params() -> dict:

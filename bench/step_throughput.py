@@ -8,8 +8,11 @@ random (no download); throughput does not depend on them. Loops, one after the o
 same device:
   - ours at automatic precision (bf16 where native, else fp32) with the recipe's
     channels_last, and ours at fp32;
-  - the reference loop (4 sequential forward/backward/step per batch, per-patch Python
-    jigsaw, fp32, default memory format).
+  - the reference loop with PMG's own heads (bench/pmg_reference.py: 4 sequential
+    forward/backward/step per batch, per-patch Python jigsaw) at fp32.
+Every loop runs in the recipe's memory format (channels_last) with its gradient clipping
+and the training loop's optimizer; each reports the median and the min-max of its timed
+steps.
 
     python -m bench.step_throughput                          # the recipe: 448 px, batch 16
     python -m bench.step_throughput --px 224 --batch-size 8  # a CPU-sized run
@@ -35,7 +38,7 @@ from bench.common import (
     sgd,
     write_results,
 )
-from bench.pmg_reference import reference_step
+from bench.pmg_reference import PMGNet, reference_step
 from iagn.device import pick_device
 from iagn.evaluation.speed import timed
 from iagn.models.iagn import IAGN
@@ -48,25 +51,31 @@ RECIPE = REPO / "configs" / "cub.yaml"
 CLASSES = 200
 
 
-def seconds_per_step(step: Callable[[], None], device: torch.device, warmup: int, steps: int):
-    """Median wall time of `steps` calls after `warmup` untimed ones."""
+def seconds_per_step(
+    step: Callable[[], None], device: torch.device, warmup: int, steps: int
+) -> list[float]:
+    """Wall times of `steps` calls after `warmup` untimed ones."""
     for _ in range(warmup):
         step()
-    return statistics.median(timed(step, device) for _ in range(steps))
+    return [timed(step, device) for _ in range(steps)]
 
 
-def build_model(params: dict, device: torch.device, channels_last: bool) -> IAGN:
-    torch.manual_seed(0)
-    names = [f"class_{k}" for k in range(CLASSES)]
-    model = IAGN(model_config(params, CLASSES, names)).to(device)
+def spread(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+def prepare(model: torch.nn.Module, device: torch.device, channels_last: bool):
+    model = model.to(device)
     model.train()
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def time_ours(params, images, labels, precision, device, warmup, steps) -> float:
+def time_ours(params, images, labels, precision, device, warmup, steps) -> list[float]:
     """One optimizer step of the training loop (iagn/train/loop.py) around `stage_step`."""
     config = stage_config(params, 3)
-    model = build_model(params, device, config.channels_last)
+    torch.manual_seed(0)
+    names = [f"class_{k}" for k in range(CLASSES)]
+    model = prepare(IAGN(model_config(params, CLASSES, names)), device, config.channels_last)
     optimizer = sgd(model, params["train"])
     if config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -83,12 +92,23 @@ def time_ours(params, images, labels, precision, device, warmup, steps) -> float
     return seconds_per_step(step, device, warmup, steps)
 
 
-def time_reference(params, images, labels, device, warmup, steps) -> float:
-    model = build_model(params, device, channels_last=False)
+def time_reference(params, images, labels, device, warmup, steps) -> list[float]:
+    """PMG's batch (PMG's heads, feature size = the recipe's stage channels) in the same
+    memory format and with the same clipping as ours."""
+    config = stage_config(params, 3)
+    torch.manual_seed(0)
+    model_params = params["model"]
+    model = PMGNet(model_params["backbone"], CLASSES, model_params["stage_channels"])
+    model = prepare(model, device, config.channels_last)
     optimizer = sgd(model, params["train"])
-    return seconds_per_step(
-        lambda: reference_step(model, optimizer, images, labels), device, warmup, steps
-    )
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    jigsaw = tuple(model_params["jigsaw"])
+
+    def step() -> None:
+        reference_step(model, optimizer, images, labels, jigsaw, "fp32", config.grad_clip)
+
+    return seconds_per_step(step, device, warmup, steps)
 
 
 def main() -> None:
@@ -96,7 +116,7 @@ def main() -> None:
     parser.add_argument("--px", type=int, default=None, help="image size (recipe: 448)")
     parser.add_argument("--batch-size", type=int, default=None, help="(recipe: 16)")
     parser.add_argument("--backbone", default=None, help="(recipe: resnet50)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per loop")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per loop")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     args = parser.parse_args()
 
@@ -115,26 +135,30 @@ def main() -> None:
 
     where = device_name(device)
 
-    def report(name: str, precision: str, value: float) -> float:
+    def report(name: str, precision: str, times: list[float]) -> dict:
+        value = statistics.median(times)
         print(f"{name} ({precision}, {where}): {batch / value:.2f} images/s", flush=True)
-        return value
+        return spread(times)
 
-    value = time_ours(params, images, labels, auto, device, **timing)
-    seconds = {"ours_auto": report("ours auto", auto, value)}
+    times = time_ours(params, images, labels, auto, device, **timing)
+    seconds = {"ours_auto": report("ours auto", auto, times)}
     if auto != "fp32":
-        value = time_ours(params, images, labels, "fp32", device, **timing)
-        seconds["ours_fp32"] = report("ours", "fp32", value)
+        times = time_ours(params, images, labels, "fp32", device, **timing)
+        seconds["ours_fp32"] = report("ours", "fp32", times)
     else:
         seconds["ours_fp32"] = seconds["ours_auto"]  # auto resolved to fp32 here
-    value = time_reference(params, images, labels, device, **timing)
-    seconds["reference_fp32"] = report("reference", "fp32", value)
+    times = time_reference(params, images, labels, device, **timing)
+    seconds["reference_fp32"] = report("reference", "fp32", times)
     precisions = {"ours_auto": auto, "ours_fp32": "fp32", "reference_fp32": "fp32"}
+    reference = seconds["reference_fp32"]["median"]
     results = {
         name: {
             "precision": precisions[name],
-            "seconds_per_step": value,
-            "images_per_s": batch / value,
-            "speedup_vs_reference": seconds["reference_fp32"] / value,
+            "seconds_per_step": value["median"],
+            "seconds_per_step_min": value["min"],
+            "seconds_per_step_max": value["max"],
+            "images_per_s": batch / value["median"],
+            "speedup_vs_reference": reference / value["median"],
         }
         for name, value in seconds.items()
     }
@@ -159,6 +183,7 @@ def main() -> None:
             name,
             row["precision"],
             f"{row['seconds_per_step']:.3f}",
+            f"{row['seconds_per_step_min']:.3f}-{row['seconds_per_step_max']:.3f}",
             f"{row['images_per_s']:.2f}",
             f"{row['speedup_vs_reference']:.2f}x",
         ]
@@ -168,10 +193,14 @@ def main() -> None:
         "# Training step throughput at the paper's scale: IAGN stage 3 vs the PMG loop",
         "",
         machine_line(host),
-        f"Settings: {settings}. Random images, no data loading; median of the timed steps.",
+        f"Settings: {settings}. Random images, no data loading; every loop in the same "
+        "memory format; s/step: median [min-max] of the timed steps, images/s and speed-up "
+        "from the medians.",
         "",
         *markdown_table(
-            ["loop", "precision", "s/step", "images/s", "speed-up"], list("llrrr"), rows
+            ["loop", "precision", "s/step", "min-max", "images/s", "speed-up"],
+            list("llrrrr"),
+            rows,
         ),
         "",
     ]

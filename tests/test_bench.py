@@ -29,8 +29,10 @@ def test_step_throughput_times_all_loops_and_writes_results(tmp_path, monkeypatc
     assert set(results) == {"ours_auto", "ours_fp32", "reference_fp32"}
     auto = results["ours_auto"]["precision"]
     assert auto == ("bf16" if "amx_bf16" in flags else "fp32")
+    assert data["settings"]["channels_last"]  # every loop, the reference included
     for row in results.values():
-        assert row["seconds_per_step"] > 0
+        assert 0 < row["seconds_per_step_min"] <= row["seconds_per_step"]
+        assert row["seconds_per_step"] <= row["seconds_per_step_max"]
         assert abs(row["images_per_s"] * row["seconds_per_step"] - 4) < 1e-6
     assert results["reference_fp32"]["speedup_vs_reference"] == 1.0
     table = (tmp_path / "step_throughput.md").read_text()
