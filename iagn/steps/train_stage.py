@@ -29,7 +29,7 @@ from iagn.train.config import (
 from iagn.train.data import PreparedData, prepare_step_data
 from iagn.train.distributed import Runtime, init_runtime
 from iagn.train.loop import run_loop, seed_everything, standard_spec
-from iagn.train.stage_step import stage_step
+from iagn.train.stage_step import ActiveHeads, stage_step
 
 
 def _check_image_size(crop: int, jigsaw_sizes: tuple[int, ...]) -> None:
@@ -119,6 +119,7 @@ def run(
             "data": prepared.identity(),
             "init": init_identity,
         },
+        validate_view=lambda trained: ActiveHeads(trained, stage),
         description=f"stage {stage}",
         ddp_find_unused=stage < 3,  # heads of later stages get no loss yet
         callbacks=callbacks or [],

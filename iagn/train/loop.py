@@ -85,15 +85,26 @@ class LoopSpec:
     callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)
 
 
-def standard_spec(config, prepared, runtime: Runtime, precision: str, **fields) -> LoopSpec:
+def standard_spec(
+    config,
+    prepared,
+    runtime: Runtime,
+    precision: str,
+    validate_view: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    **fields,
+) -> LoopSpec:
     """A LoopSpec whose optimizer settings, training loader and validation come from a
     stage or distill config (`epochs`, `batch_size`, `momentum`, `weight_decay`,
     `warmup_epochs`, `grad_clip`, `channels_last`, `seed`, `num_workers`) and `prepared`
-    data; `fields` supply the rest (model, param groups, step, payload, ...)."""
+    data; `fields` supply the rest (model, param groups, step, payload, ...).
+
+    `validate_view(model)`: what validation calls instead of the model itself (a stage
+    validates with the heads it has trained only, iagn/train/stage_step.py `ActiveHeads`)."""
 
     def validate(trained: torch.nn.Module) -> dict[str, float]:
         loader = val_loader(prepared, config)
-        return accuracy_on(trained, loader, runtime.device, precision, prefix="val_")
+        shown = validate_view(trained) if validate_view else trained
+        return accuracy_on(shown, loader, runtime.device, precision, prefix="val_")
 
     def train_loader(epoch: int):
         return prepared.loader(
@@ -127,9 +138,28 @@ def val_loader(prepared, config):
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs from one integer below 2**64."""
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    # NumPy's legacy seed takes 32 bits; a larger seed goes in whole, as two 32-bit words.
+    np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
     torch.manual_seed(seed)
+
+
+# Bit widths of the epoch and the rank inside an epoch seed (`epoch_seed`).
+EPOCH_BITS, RANK_BITS = 20, 16
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, stream: int) -> int:
+    """The seed of one rank's epoch: `stream` 0 seeds the global RNGs (augmentation, data
+    workers), 1 the step's generator (jigsaw, attention crops).
+
+    (seed, epoch, rank, stream) are packed into disjoint bits, so two ranks, two epochs or
+    the two streams never share a seed (the earlier `seed * 1000 + epoch + 7 * rank` gave
+    rank 1 the seed of rank 0's epoch 8, which then repeated rank 1's first epoch)."""
+    if not (0 <= epoch < 2**EPOCH_BITS and 0 <= rank < 2**RANK_BITS and stream in (0, 1)):
+        raise ValueError(f"epoch {epoch}, rank {rank} or stream {stream} out of range")
+    packed = (((seed << EPOCH_BITS | epoch) << RANK_BITS | rank) << 1) | stream
+    return packed % 2**64  # torch's seed range; the low 37 bits keep (epoch, rank, stream)
 
 
 def _progress(total: int, description: str, quiet: bool):
@@ -228,11 +258,9 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
 
     with _StopOnSigterm() as stop:
         for epoch in range(start_epoch, spec.epochs):
-            # Reseed per epoch: the epoch depends only on (seed, epoch) and the weights.
-            seed_everything(spec.seed * 1_000 + epoch + runtime.rank * 7)
-            generator = torch.Generator().manual_seed(
-                spec.seed * 1_000_003 + epoch * 31 + runtime.rank
-            )
+            # Reseed per epoch: the epoch depends only on (seed, epoch, rank) and the weights.
+            seed_everything(epoch_seed(spec.seed, epoch, runtime.rank, 0))
+            generator = torch.Generator().manual_seed(epoch_seed(spec.seed, epoch, runtime.rank, 1))
             loader = spec.make_loader(epoch)
             batches = len(loader)
             done, seen, sums, earlier_seconds = 0, 0, {}, 0.0

@@ -35,6 +35,20 @@ from iagn.train.config import StageConfig
 from iagn.train.losses import kd_loss
 
 
+class ActiveHeads(torch.nn.Module):
+    """`model` as stage `stage` trains it: a plain call applies stage heads 1..stage only,
+    so the combined prediction (validation's `val_acc`) leaves out heads not trained yet.
+    The fused head always counts: it reads the three stage blocks, which every stage trains.
+    """
+
+    def __init__(self, model: IAGN, stage: int):
+        super().__init__()
+        self.model, self.stage = model, stage
+
+    def forward(self, x: torch.Tensor):
+        return self.model(x, heads=self.stage)
+
+
 def _split_indices(batch: int, parts: int, generator: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(batch, generator=generator)
     return list(order.tensor_split(parts))
