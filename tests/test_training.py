@@ -15,6 +15,7 @@ from conftest import REPO_ROOT, smoke_params
 import iagn.steps.train_stage as train_stage_module
 from iagn import device, precision
 from iagn.checkpoint import load_checkpoint, save_checkpoint
+from iagn.data.images import open_image
 from iagn.errors import IagnError
 from iagn.params import load_params
 from iagn.steps import distill, evaluate, train_stage
@@ -80,29 +81,100 @@ def test_checkpoint_holds_everything_needed_to_resume_and_serve(pipeline_outputs
         assert key in history, key
 
 
-def test_final_checkpoints_carry_a_temperature_fitted_on_val(pipeline_outputs, tiny_synth):
+def test_final_checkpoints_carry_the_serving_configuration_chosen_on_val(
+    pipeline_outputs, tiny_synth
+):
     from iagn.evaluation.predictor import Predictor
+    from iagn.evaluation.serving_config import ServingConfig, serving_config_of
     from iagn.models.load import load_model
     from iagn.train.data import prepare_step_data
     from iagn.train.loop import metrics_path
 
-    for name in ("s3.pt", "student.pt"):
+    prepared = prepare_step_data(None, pipeline_outputs["params"])
+    val_images = int((prepared.manifest["split"] == "val").sum())
+    for name, kinds in (
+        ("s3.pt", ("fused", "combined", "weighted", "two_pass")),
+        ("student.pt", ("student",)),
+    ):
         model, checkpoint = load_model(pipeline_outputs["dir"] / name)
+        serving = serving_config_of(checkpoint)
+        assert serving.aggregation in kinds
+        assert ServingConfig.from_dict(serving.to_dict()) == serving
+        assert serving.chosen_on["split"] == "val"
+        assert serving.chosen_on["images"] == val_images  # chosen on val, never test
         fitted = checkpoint["calibration"]
-        assert fitted["split"] == "val" and fitted["images"] > 0
+        assert fitted["split"] == "val" and fitted["images"] == val_images
+        assert serving.temperature == fitted["temperature"]
         assert 0.05 <= fitted["temperature"] <= 20.0
         assert fitted["nll_after"] <= fitted["nll_before"] + 1e-6  # T = 1 was a candidate
         metrics = json.loads(metrics_path(pipeline_outputs["dir"] / name).read_text())
         assert metrics["temperature"] == fitted["temperature"]
+        assert metrics["served"] == serving.aggregation
         assert metrics["val_ece_calibrated"] == fitted["ece_after"]
-        # The served logits are the raw prediction divided by T: same classes.
-        prepared = prepare_step_data(None, pipeline_outputs["params"])
+        # The served logits are the chosen prediction divided by T: same classes.
         images = next(iter(prepared.loader("test", False, 4)))["image"]
-        temperature = fitted["temperature"]
-        served = Predictor(model, temperature=temperature)(images).logits
-        raw = served["two_pass" if name == "s3.pt" else "student"]
-        torch.testing.assert_close(served["final"], raw / temperature)
+        served = Predictor(model, serving)(images).logits
+        raw = served[serving.aggregation]
+        torch.testing.assert_close(served["final"], raw / serving.temperature)
         assert torch.equal(served["final"].argmax(1), raw.argmax(1))
+
+
+def test_every_consumer_serves_the_checkpoint_configuration(
+    pipeline_outputs, tmp_path, monkeypatch
+):
+    """Change the stored configuration, and evaluation, predict, the MLflow model's slim
+    checkpoint and distillation's teacher all follow it."""
+    from dataclasses import replace
+
+    from iagn.evaluation.predictor import Predictor
+    from iagn.evaluation.serving_config import serving_config_of
+    from iagn.inference import ImageClassifier
+    from iagn.models.load import load_model
+    from iagn.serving import slim_checkpoint
+    from iagn.train.data import prepare_step_data
+
+    params = pipeline_outputs["params"]
+    checkpoint = load_checkpoint(pipeline_outputs["dir"] / "s3.pt", kind="teacher")
+    altered = replace(
+        serving_config_of(checkpoint),
+        aggregation="fused",
+        temperature=2.5,
+        box_method="component",
+        box_threshold=0.7,
+    )
+    path = save_checkpoint(tmp_path / "altered.pt", {**checkpoint, "serving": altered.to_dict()})
+
+    metrics = evaluate.run(path, None, params, tmp_path / "eval")
+    assert metrics["serving"] == altered.to_dict()
+    assert metrics["top1"] == metrics["top1_fused"] and metrics["temperature"] == 2.5
+
+    prepared = prepare_step_data(None, params)
+    test = prepared.manifest[prepared.manifest["split"] == "test"]
+    file = prepared.root / test["path"].iloc[0]
+    classifier = ImageClassifier.from_checkpoint(path)
+    assert classifier.predictor.serving == altered
+    result = classifier.predict_files([file])[0]
+    model, _ = load_model(path)
+    image = classifier.transform(open_image(file))[None]
+    with torch.no_grad():
+        expected = (model(image).fused_logits / 2.5).softmax(1).max()
+    assert result["probability"] == pytest.approx(float(expected), abs=1e-5)
+
+    slim = save_checkpoint(tmp_path / "slim.pt", slim_checkpoint(load_checkpoint(path)))
+    assert ImageClassifier.from_checkpoint(slim).predictor.serving == altered
+
+    used = []
+
+    class Recording(Predictor):
+        def __init__(self, model, serving=None, *args, **kwargs):
+            used.append(serving)
+            super().__init__(model, serving, *args, **kwargs)
+
+    monkeypatch.setattr(distill, "Predictor", Recording)
+    student = distill.run(path, None, params, tmp_path / "student.pt", quiet=True)
+    assert used == [altered]
+    taught = load_checkpoint(student["checkpoint"])["teacher"]["serving"]
+    assert taught == altered.to_dict()
 
 
 def test_stage_heads_train_progressively(pipeline_outputs):
@@ -134,8 +206,15 @@ def test_evaluate_teacher_and_student(pipeline_outputs, tmp_path):
         "top1_two_pass",
         "top5_fused",
         "ece",
+        "top1_served",
         "pointing_game",
+        "pointing_game_chance",
+        "pointing_game_lift",
         "box_accuracy",
+        "box_accuracy_chance",
+        "box_iou_p50",
+        "deletion_attended_10",
+        "deletion_random_50",
         "latency_ms",
         "throughput_ips",
         "parameters",
@@ -143,6 +222,12 @@ def test_evaluate_teacher_and_student(pipeline_outputs, tmp_path):
     ):
         assert key in teacher, key
     assert 0.0 <= teacher["pointing_game"] <= 1.0
+    # The served prediction leads: top-1 is the stored configuration's prediction.
+    assert teacher["top1"] == teacher["top1_served"] == teacher[f"top1_{teacher['served']}"]
+    assert teacher["pointing_game_lift"] == pytest.approx(
+        teacher["pointing_game"] - teacher["pointing_game_chance"]
+    )
+    assert 0.0 < teacher["pointing_game_chance"] < 1.0
     assert teacher["images"] == 12 and len(teacher["per_class_accuracy"]) == 4
     teacher_checkpoint = load_checkpoint(pipeline_outputs["dir"] / "s3.pt")
     assert teacher["temperature"] == teacher_checkpoint["calibration"]["temperature"]
@@ -160,7 +245,12 @@ def test_evaluate_teacher_and_student(pipeline_outputs, tmp_path):
         tmp_path / "v",
     )
     assert on_val["eval_data_digest"] != student["eval_data_digest"]
-    for name in ("confusion_matrix.png", "reliability.png", "attention_gallery.png"):
+    for name in (
+        "confusion_matrix.png",
+        "reliability.png",
+        "attention_gallery.png",
+        "localization.png",
+    ):
         assert (tmp_path / "t" / name).read_bytes()[:4] == b"\x89PNG"
 
 

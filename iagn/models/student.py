@@ -1,7 +1,15 @@
 """The compact student for serving: one torchvision backbone, global average pool, linear.
 
-A linear classifier on average-pooled features makes the class activation map exact
-(CAM, Zhou et al. 2016), so the student explains its predictions the way the teacher does.
+A linear classifier on average-pooled features makes the class activation map faithful
+(CAM, Zhou et al. 2016): each position's share of the logit is the classifier's weights
+applied to its features over the number of positions, and the shares plus the bias sum to
+the logit (`attribution_map`, tests/test_faithful_maps.py).
+
+`output_stride` sets the map's resolution. ResNet-18 downsamples 32x, a 2 x 2 map at the
+demo's 64 px, too coarse to point at a small part; 16 (8) runs layer4 (and layer3) at the
+resolution of the layer before, by giving the first block's 3x3 conv and its downsample
+1x1 conv stride 1. No weight changes shape, so the teacher's trunk still loads
+(`copy_teacher_trunk`); the map gains 2x (4x) per side and the pass costs more FLOPs.
 """
 
 from __future__ import annotations
@@ -14,9 +22,10 @@ from torchvision import models
 
 from iagn.errors import IagnError
 from iagn.models.backbones import build_resnet, load_state_dict_file
-from iagn.models.iagn import normalize_map
+from iagn.models.iagn import normalize_map, position_shares
 
 STUDENTS = ("resnet18", "mobilenet_v3_small", "mobilenet_v3_large")
+OUTPUT_STRIDES = (32, 16, 8)
 
 
 @dataclass
@@ -25,6 +34,8 @@ class StudentConfig:
     num_classes: int = 10
     weights: str = "none"
     class_names: list[str] = field(default_factory=list)
+    # 32, 16 or 8 (resnet18 only); checkpoints written before the option existed used 32.
+    output_stride: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +60,15 @@ def _mobilenet(name: str, weights: str) -> tuple[nn.Module, int]:
     return net.features, net.features[-1].out_channels
 
 
+def undo_downsampling(layer: nn.Sequential) -> None:
+    """Stride 1 in a torchvision ResNet layer's first block (its 3x3 conv and its
+    downsample 1x1 conv): the layer keeps its input's resolution, weights unchanged."""
+    block = layer[0]
+    block.conv1.stride = (1, 1)
+    if block.downsample is not None:
+        block.downsample[0].stride = (1, 1)
+
+
 class Student(nn.Module):
     def __init__(self, config: StudentConfig):
         super().__init__()
@@ -56,9 +76,22 @@ class Student(nn.Module):
             raise IagnError(
                 f"unknown student {config.backbone!r}; choose one of: {', '.join(STUDENTS)}"
             )
+        if config.output_stride not in OUTPUT_STRIDES:
+            raise IagnError(
+                f"student output_stride must be one of {', '.join(map(str, OUTPUT_STRIDES))}, "
+                f"not {config.output_stride!r}"
+            )
+        if config.output_stride != 32 and config.backbone != "resnet18":
+            raise IagnError(
+                f"student output_stride {config.output_stride} is implemented for resnet18 "
+                f"only; {config.backbone} serves at output_stride 32"
+            )
         self.config = config
         if config.backbone == "resnet18":
             net = build_resnet("resnet18", config.weights)
+            kept = {32: (), 16: (net.layer4,), 8: (net.layer3, net.layer4)}
+            for layer in kept[config.output_stride]:
+                undo_downsampling(layer)
             self.features = nn.Sequential(
                 net.conv1,
                 net.bn1,
@@ -89,8 +122,14 @@ class Student(nn.Module):
         for target, source in zip(self.features, trunk, strict=True):
             target.load_state_dict(source.state_dict())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, 3, H, W] -> logits [B, classes]."""
+    def forward(
+        self, x: torch.Tensor, attribution_of: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, 3, H, W] -> logits [B, classes]; with `attribution_of` ([B] classes), the
+        logits and their shares from `forward_with_attribution` (training calls it this
+        way, so DistributedDataParallel sees the pass)."""
+        if attribution_of is not None:
+            return self.forward_with_attribution(x, attribution_of)
         return self.classifier(self.features(x).mean(dim=(2, 3)))
 
     def forward_with_map(
@@ -98,10 +137,17 @@ class Student(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the activation map ([B, h, w] in [0, 1]) of `classes` (default: the
         predicted class), from one pass."""
+        logits, shares = self.forward_with_attribution(x, classes)
+        return logits, normalize_map(shares)
+
+    def forward_with_attribution(
+        self, x: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and each position's share of the logit of `classes` ([B, h, w]; the shares
+        plus the classifier's bias sum to the logit)."""
         features = self.features(x)
         logits = self.classifier(features.mean(dim=(2, 3)))
         if classes is None:
             classes = logits.argmax(dim=1)
-        weights = self.classifier.weight[classes].to(features.dtype)
-        cam = torch.einsum("bc,bchw->bhw", weights, features).float()
-        return logits, normalize_map(cam)
+        weights = self.classifier.weight[classes].float()
+        return logits, position_shares(features.float(), weights, "avg")

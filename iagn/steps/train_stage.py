@@ -24,6 +24,7 @@ from iagn.precision import resolve_precision
 from iagn.train.calibrated import finish_calibrated
 from iagn.train.config import (
     model_config,
+    serve_settings,
     stage_config,
 )
 from iagn.train.data import PreparedData, prepare_step_data
@@ -81,6 +82,7 @@ def run(
     """Train stage `stage`; returns {"checkpoint", "history", "metrics"}."""
     runtime = runtime or init_runtime(device)
     config = stage_config(params, stage)
+    serve = serve_settings(params)  # checked now, used once training is done
     prepared = prepare_step_data(data, params)
     seed_everything(config.seed)  # the same initial weights on every run and every rank
     model, model_cfg = build_model(params, prepared, Path(init) if init else None, stage)
@@ -125,4 +127,4 @@ def run(
         callbacks=callbacks or [],
     )
     result = run_loop(spec, out, runtime, quiet=quiet)
-    return finish_calibrated(model, result, out, runtime, prepared, config, precision)
+    return finish_calibrated(model, result, out, runtime, prepared, config, serve)

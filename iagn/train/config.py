@@ -8,7 +8,9 @@ from typing import Any
 
 from iagn.data.images import DEFAULT_MAX_PIXELS
 from iagn.errors import IagnError
-from iagn.models.iagn import ModelConfig
+from iagn.evaluation.serving_config import ServeSettings
+from iagn.models.iagn import POOLINGS, ModelConfig
+from iagn.models.student import OUTPUT_STRIDES
 from iagn.params import section
 
 
@@ -97,6 +99,8 @@ class DistillConfig:
     student: str = "resnet18"
     student_init: str = "auto"  # auto | teacher | weights
     student_weights: str = "none"
+    # Student's map resolution (resnet18: 32, 16 or 8; MobileNet: 32), see iagn/models/student.py
+    student_output_stride: int = 32
     epochs: int = 6
     batch_size: int = 16
     lr: float = 0.02
@@ -106,6 +110,8 @@ class DistillConfig:
     grad_clip: float = 5.0
     kd_temperature: float = 4.0
     kd_alpha: float = 0.7
+    # Weight of attention transfer: the student's map towards the teacher's attention (0: off)
+    attention_weight: float = 0.0
     precision: str = "auto"
     channels_last: bool = True
     seed: int = 0
@@ -115,6 +121,15 @@ class DistillConfig:
         if self.student_init not in ("auto", "teacher", "weights"):
             raise IagnError(
                 f"distill.student_init must be auto, teacher or weights, not {self.student_init!r}"
+            )
+        if self.student_output_stride not in OUTPUT_STRIDES:
+            raise IagnError(
+                "distill.student_output_stride must be one of "
+                f"{', '.join(map(str, OUTPUT_STRIDES))}, not {self.student_output_stride!r}"
+            )
+        if not self.attention_weight >= 0:
+            raise IagnError(
+                f"distill.attention_weight must be >= 0 (0 disables), not {self.attention_weight!r}"
             )
 
 
@@ -131,6 +146,11 @@ def model_config(params: dict, num_classes: int, class_names: list[str]) -> Mode
     config.jigsaw = tuple(config.jigsaw)
     if len(config.jigsaw) != 3:
         raise IagnError("params.yaml model.jigsaw must list three granularities, e.g. [8, 4, 2]")
+    if config.pooling not in POOLINGS:
+        raise IagnError(
+            f"params.yaml model.pooling must be one of {', '.join(POOLINGS)}, "
+            f"got {config.pooling!r}"
+        )
     return config
 
 
@@ -150,3 +170,16 @@ def distill_config(params: dict) -> DistillConfig:
 def resolve_data_dir(data: str | Path | None, config: DataConfig) -> Path:
     """`--data` wins over params.yaml data.root."""
     return Path(data) if data else Path(config.root)
+
+
+def serve_settings(params: dict) -> ServeSettings:
+    """params.yaml `serve`: what the choice of the served prediction compares."""
+    values = dict(section(params, "serve")) if "serve" in params else {}
+    for key in ("aggregations", "crop_weights", "box_methods", "box_thresholds", "box_sizes"):
+        if key in values:
+            values[key] = tuple(values[key])
+    settings = from_mapping(ServeSettings, values, "serve")
+    problems = settings.problems()
+    if problems:
+        raise IagnError("params.yaml `serve`: " + "; ".join(problems))
+    return settings
