@@ -59,9 +59,9 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     }
 
 
-def torchrun_stage1(*entry: str) -> list[str]:
-    """`train-stage --stage 1` of ./params.yaml into out/s1.pt on the CPU, two ranks under
-    torchrun on 127.0.0.1; `entry` is what torchrun starts (`-m iagn.cli` or a script)."""
+def torchrun_two(*entry: str) -> list[str]:
+    """`entry` (a script and its arguments, or `-m module ...`) as two ranks under torchrun
+    on 127.0.0.1."""
     return [
         sys.executable,
         "-m",
@@ -73,6 +73,14 @@ def torchrun_stage1(*entry: str) -> list[str]:
         "--master-port",
         str(free_port()),
         *entry,
+    ]
+
+
+def torchrun_stage1(*entry: str) -> list[str]:
+    """`train-stage --stage 1` of ./params.yaml into out/s1.pt on the CPU, two ranks under
+    torchrun on 127.0.0.1; `entry` is what torchrun starts (`-m iagn.cli` or a script)."""
+    return [
+        *torchrun_two(*entry),
         "train-stage",
         "--stage",
         "1",

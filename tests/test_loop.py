@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from ddp_stage3 import global_batches, spec
-from helpers import free_port, run
+from helpers import run, torchrun_two
 from test_preemption import one_thread
 
 from iagn.precision import resolve_precision
@@ -142,19 +141,7 @@ def test_two_process_ddp_stage3_matches_one_process(tmp_path):
     rank's half alone 0.44, on the sum of the ranks' gradients instead of their mean 0.54).
     """
     result = run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port()),
-            HERE / "ddp_stage3.py",
-            tmp_path,
-        ],
+        torchrun_two(str(HERE / "ddp_stage3.py"), str(tmp_path)),
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)},
         timeout=300,
