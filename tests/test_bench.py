@@ -77,3 +77,42 @@ def test_serving_load_reports_latency_errors_and_memory_per_payload(tmp_path, mo
     table = (tmp_path / "serving.md").read_text()
     assert data["machine"]["cpu"] in table
     assert "| synth-64px | 2 | 16 | 200 |" in table and "| bomb-20000px | 2 | 4 | 400 |" in table
+
+
+def test_quality_targets_hold_only_when_every_seed_meets_them():
+    """A win on the mean that one seed does not share is not reported as met."""
+    from bench import quality
+
+    def run(teacher_top1: float, plain_top1: float) -> dict:
+        common = {
+            "pointing_game": 0.8,
+            "pointing_game_chance": 0.07,
+            "box_accuracy": 0.6,
+            "box_accuracy_chance": 0.02,
+            "deletion_attended_20": 0.5,
+            "deletion_random_20": 0.1,
+            "ece": 0.05,
+            "latency_ms": 10.0,
+            "train_seconds": 1.0,
+            "precision": "fp32",
+        }
+        teacher = {**common, "top1": teacher_top1, "top1_fused": teacher_top1, "served": "fused"}
+        return {
+            "teacher": teacher,
+            "student": {**common, "top1": teacher_top1 - 0.01, "latency_ms": 4.0},
+            "plain": {**common, "top1": plain_top1},
+        }
+
+    runs = [run(0.80, 0.70), run(0.69, 0.70)]  # mean 0.745 vs 0.70, but seed 1 loses
+    checks = quality.checks(runs)
+    assert checks["teacher_ge_plain"] is False
+    assert checks["student_within_5_points"] and checks["student_2x_faster"]
+    params = {
+        "data": {"synth": {"classes": 10}, "crop": 64},
+        "model": {"backbone": "resnet18"},
+        "distill": {"student": "resnet18", "epochs": 6},
+        **{f"stage{s}": {"epochs": 1} for s in (1, 2, 3)},
+    }
+    markdown, data = quality.report(params, runs, [0, 1])
+    assert "0.745 (0.690-0.800)" in markdown and "teacher_ge_plain: NO" in markdown
+    assert data["summary"]["teacher"]["top1"]["min"] == 0.69
