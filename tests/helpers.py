@@ -39,8 +39,13 @@ def run(args: list, cwd: Path, env: dict | None = None, check: bool = True, time
     return result
 
 
+# `dvc repro` of the whole smoke pipeline takes about 2-3 minutes on 2 quiet cores; the
+# limit leaves room for a loaded machine.
+DVC_TIMEOUT_S = 900
+
+
 def dvc(*args, cwd: Path, env: dict | None = None, check: bool = True):
-    return run([BIN / "dvc", *args], cwd=cwd, env=env, check=check)
+    return run([BIN / "dvc", *args], cwd=cwd, env=env, check=check, timeout=DVC_TIMEOUT_S)
 
 
 def iagn(*args, cwd: Path, env: dict | None = None, check: bool = True):

@@ -78,6 +78,7 @@ def run(
     torch_device = pick_device(device)
     serving = serving_config_of(checkpoint)
     predictor = Predictor(model, serving, torch_device, diagnostics=True)
+    served_only = Predictor(model, serving, torch_device)  # no diagnostics: what is served
     loader = prepared.loader(settings["split"], train=False, batch_size=settings["batch_size"])
     fractions = tuple(float(f) for f in settings["deletion_fractions"])
     generator = torch.Generator().manual_seed(int(settings["seed"]))
@@ -102,7 +103,7 @@ def run(
         seen.setdefault("box_chance", []).append(box_chance(boxes, truth, size, generator))
         seen.setdefault("usable", []).append(has_box)
         for fraction, drops in deletion_drops(
-            predictor, images, predicted, fractions, generator
+            served_only, images, predicted, fractions, generator
         ).items():
             for kind, values in drops.items():
                 seen.setdefault(f"deletion {fraction} {kind}", []).append(values)
@@ -158,7 +159,6 @@ def run(
         metrics[f"deletion_attended_{percent}"] = drops["attended"]
         metrics[f"deletion_random_{percent}"] = drops["random"]
     crop = prepared.config.crop
-    served_only = Predictor(model, serving, torch_device)  # no diagnostics: what is served
     speed = measure_speed(
         served_only,
         (3, crop, crop),
