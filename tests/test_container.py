@@ -40,7 +40,7 @@ EXPERIMENT = "iagn-container"
 MODEL = "iagn-container-test"
 OPEN_GATE = (
     "register.gate.min_top1=0",
-    "register.gate.min_pointing_game_lift=0",
+    "register.gate.min_pointing_game_lift=-1",
     "register.gate.max_latency_ms=60000",
 )
 # Paths no layer may hold: the repository, DVC's cache, MLflow stores, build outputs and
