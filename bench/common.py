@@ -42,6 +42,27 @@ def machine_line(host: dict) -> str:
     )
 
 
+def load_average() -> float:
+    """The 1-minute load average: recorded at a run's start and end, since other jobs on
+    the machine slow every timed figure."""
+    return os.getloadavg()[0]
+
+
+def load_line(start: float, end: float, threads: int) -> str:
+    """The results files' "Load:" line: whether the run had the CPU to itself."""
+    cores = os.cpu_count() or 1
+    line = (
+        f"Load: 1-minute load average {start:.1f} at the start, {end:.1f} at the end, on "
+        f"{cores} cores, {threads} torch thread(s)"
+    )
+    if max(start, end) > 0.75 * cores:
+        return line + (
+            ": the run shared the CPU with other work, so wall times carry that noise "
+            "(the compared runs are interleaved so it hits all alike)."
+        )
+    return line + "."
+
+
 def markdown_table(header: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
     """Lines of a Markdown table; `align` per column: "l" or "r"."""
     rule = ["---" if a == "l" else "---:" for a in align]

@@ -13,6 +13,7 @@ the spread is not a win. Targets:
   - student within 5 points of the served teacher and >= 2x faster at inference.
 
     python -m bench.quality [--seeds 0 1 2]
+    python -m bench.quality --threads 1   # a CPU other jobs share: no thread thrash
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import demo_params, machine, machine_line, synthetic_dataset, write_results
+import torch
+
+from bench.common import (
+    demo_params,
+    load_average,
+    load_line,
+    machine,
+    machine_line,
+    synthetic_dataset,
+    write_results,
+)
 from iagn.params import merge_params
 from iagn.steps import baseline, distill, evaluate, train_stage
 
@@ -104,7 +115,16 @@ def checks(runs: list[dict[str, dict]]) -> dict[str, bool]:
     }
 
 
-def report(params: dict, runs: list[dict[str, dict]], seeds: list[int]) -> tuple[str, dict]:
+def student_description(distill: dict) -> str:
+    layers = distill.get("student_layers", 4)
+    stride = distill.get("student_output_stride", 32)
+    depth = f"{layers} layers, " if distill["student"] == "resnet18" else ""
+    return f"{distill['student']}, {depth}output stride {stride}"
+
+
+def report(
+    params: dict, runs: list[dict[str, dict]], seeds: list[int], load: tuple[float, float]
+) -> tuple[str, dict]:
     summary = {
         model: {
             key: spread([run[model][key] for run in runs])
@@ -122,13 +142,14 @@ def report(params: dict, runs: list[dict[str, dict]], seeds: list[int]) -> tuple
     epochs = sum(params[f"stage{s}"]["epochs"] for s in (1, 2, 3))
     names = {
         "teacher": f"IAGN teacher, served ({', '.join(served)})",
-        "student": f"student ({params['distill']['student']}, distilled)",
+        "student": f"student ({student_description(params['distill'])}, distilled)",
         "plain": f"plain {params['model']['backbone']}, {epochs} epochs",
     }
     lines = [
         "# Quality on the synthetic demo data (served predictions)",
         "",
         machine_line(machine()) + f" Precision served: {runs[0]['teacher']['precision']}.",
+        load_line(*load, torch.get_num_threads()),
         f"Data: {params['data']['synth']}, crop {params['data']['crop']} px. Teacher: "
         + ", ".join(f"stage {s} {params[f'stage{s}']['epochs']} epochs" for s in (1, 2, 3))
         + f"; student {params['distill']['epochs']} epochs. Seeds {seeds}: mean (min-max).",
@@ -154,6 +175,7 @@ def report(params: dict, runs: list[dict[str, dict]], seeds: list[int]) -> tuple
     data = {
         "machine": machine(),
         "seeds": seeds,
+        "load_average": {"start": load[0], "end": load[1]},
         "summary": summary,
         "teacher_predictions": teacher_heads,
         "checks": passed,
@@ -165,14 +187,20 @@ def report(params: dict, runs: list[dict[str, dict]], seeds: list[int]) -> tuple
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     params = demo_params()
     data = synthetic_dataset(params)
+    load_start = load_average()
     runs = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             runs.append(run_seed(params, data, seed, Path(tmp)))
-    markdown, data_out = report(params, runs, args.seeds)
+    markdown, data_out = report(params, runs, args.seeds, (load_start, load_average()))
     write_results("quality", markdown, data_out)
     print(markdown)
 

@@ -34,6 +34,7 @@ from bench import common
 from bench.common import (
     REPO,
     device_name,
+    load_average,
     machine,
     machine_line,
     synthetic_dataset,
@@ -151,7 +152,7 @@ def run(args) -> None:
     device = pick_device()
     config = stage_config(params, 3)
     precision = resolve_precision(config.precision, device)
-    load_start = os.getloadavg()[0]
+    load_start = load_average()
     try:
         runs = run_all(args, params, data, precision, device)
     except LossCheckError as exc:
@@ -190,7 +191,7 @@ def run(args) -> None:
         "seeds": args.seeds,
         "evals_per_epoch": args.evals_per_epoch,
         "quick": args.quick,
-        "load_average": {"start": load_start, "end": os.getloadavg()[0], "cores": os.cpu_count()},
+        "load_average": {"start": load_start, "end": load_average(), "cores": os.cpu_count()},
     }
     labels = {
         "ours_split": "ours (jigsaw_views: split)",
@@ -203,7 +204,8 @@ def run(args) -> None:
         f"{backbone}, {data.config.crop} px, {precision}, {args.seeds} seeds: {device_name(device)}"
     )
     plot(summary, labels, common.RESULTS / f"{NAME}.png", title)
-    text = markdown(machine_line(host), settings, summary, targets, labels)
+    served = {name: arm.served for name, arm in ARMS.items()}
+    text = markdown(machine_line(host), settings, summary, targets, labels, served)
     data_out = {"machine": host, "settings": settings, "summary": summary, "targets": targets}
     write_results(NAME, text, finite({**data_out, "runs": runs}))
 

@@ -63,6 +63,9 @@ class Arm:
     build: Callable[[dict, PreparedData], nn.Module]
     groups: Callable[[nn.Module, StageConfig], list[dict]]  # optimizer param groups
     update: Update
+    # The prediction the arm's curve follows (`accuracy_on`'s keys), fixed in advance: the
+    # one its method serves, never the best one on the validation split it is measured on.
+    served: str
 
 
 def one_step(loss_fn) -> Update:
@@ -91,6 +94,9 @@ def ours(views: str) -> Arm:
         lambda params, data: IAGN(model_config(params, data.num_classes, data.class_names)),
         _two_groups,
         one_step(loss),
+        # What iagn's chooser (iagn/evaluation/choose.py) serves on the demo data, every seed
+        # of bench/results/quality.md.
+        served="fused",
     )
 
 
@@ -107,7 +113,8 @@ def pmg() -> Arm:
             model, optimizer, images, labels, ctx.jigsaw, ctx.precision, config.grad_clip
         )
 
-    return Arm("pmg", build, _two_groups, update)
+    # PMG's reported prediction: its heads and concatenated classifier combined.
+    return Arm("pmg", build, _two_groups, update, served="combined")
 
 
 def plain_resnet() -> Arm:
@@ -125,7 +132,7 @@ def plain_resnet() -> Arm:
     def loss(model, images, labels, ctx):
         return F.cross_entropy(model(images).float(), labels)
 
-    return Arm("plain_resnet", build, groups, one_step(loss))
+    return Arm("plain_resnet", build, groups, one_step(loss), served="student")
 
 
 def _two_groups(model, config: StageConfig) -> list[dict]:
@@ -188,10 +195,13 @@ def train_arm(
     marks = eval_marks(batches, evals_per_epoch)
     validation = val_loader(data, config)
 
-    def validate() -> float:
-        return accuracy_on(model, validation, device, precision)["acc"]
+    def validate() -> dict:
+        """The served prediction's accuracy, and every prediction's (acc_fused, ...)."""
+        accuracies = accuracy_on(model, validation, device, precision)
+        every = {k[4:]: v for k, v in accuracies.items() if k.startswith("acc_")}
+        return {"val_acc": every[arm.served], "val_acc_by_prediction": every}
 
-    curve = [{"seconds": 0.0, "epoch": 0.0, "val_acc": validate()}]
+    curve = [{"seconds": 0.0, "epoch": 0.0, **validate()}]
     clock, epoch_losses = 0.0, []
     for epoch in range(epochs):
         losses = []
@@ -211,8 +221,8 @@ def train_arm(
                 )
             if number in marks:
                 clock += time.perf_counter() - started
-                acc = validate()
-                curve.append({"seconds": clock, "epoch": epoch + number / batches, "val_acc": acc})
+                point = {"seconds": clock, "epoch": epoch + number / batches, **validate()}
+                curve.append(point)
                 model.train()
                 started = time.perf_counter()
         epoch_losses.append(losses)

@@ -1,7 +1,8 @@
 """Summaries, target checks and the plot of the time-to-accuracy benchmark.
 
-A run is one arm on one seed: {"train_seconds", "curve": [{"seconds", "epoch", "val_acc"}]}
-with the same evaluation points for every seed of an arm, so curves average point by point.
+A run is one arm on one seed: {"train_seconds", "curve": [{"seconds", "epoch", "val_acc",
+"val_acc_by_prediction"}]} with the same evaluation points for every seed of an arm, so curves
+average point by point. `val_acc` is the arm's served prediction; the others are diagnostics.
 """
 
 from __future__ import annotations
@@ -56,9 +57,21 @@ def best_by(curve: list[dict], seconds: float, key: str = "val_acc") -> float:
     return max(p[key] for p in trained(curve) if p["seconds"] <= seconds + 1e-9)
 
 
+def best_by_prediction(runs: list[dict]) -> dict[str, float]:
+    """Seed-mean best accuracy of every prediction an arm has (diagnostics)."""
+    first = trained(runs[0]["curve"])[0].get("val_acc_by_prediction", {})
+    return {
+        key: statistics.fmean(
+            max(p["val_acc_by_prediction"][key] for p in trained(run["curve"])) for run in runs
+        )
+        for key in first
+    }
+
+
 def summarize(runs: list[dict]) -> dict:
     bests = [best(run["curve"]) for run in runs]
     return {
+        "best_val_acc_by_prediction": best_by_prediction(runs),
         "epochs": runs[0]["epochs"],
         "train_seconds": spread([run["train_seconds"] for run in runs]),
         "best_val_acc": spread(bests),

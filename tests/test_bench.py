@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 import bench.common
 from bench import step_throughput
@@ -113,6 +114,29 @@ def test_quality_targets_hold_only_when_every_seed_meets_them():
         "distill": {"student": "resnet18", "epochs": 6},
         **{f"stage{s}": {"epochs": 1} for s in (1, 2, 3)},
     }
-    markdown, data = quality.report(params, runs, [0, 1])
+    markdown, data = quality.report(params, runs, [0, 1], (0.5, 0.7))
     assert "0.745 (0.690-0.800)" in markdown and "teacher_ge_plain: NO" in markdown
     assert data["summary"]["teacher"]["top1"]["min"] == 0.69
+
+
+def test_student_speed_times_the_teacher_and_every_student_shape(tmp_path, monkeypatch):
+    from bench import student_speed
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    threads = torch.get_num_threads()
+    student_speed.main(["--rounds", "1", "--threads", "1"])
+    torch.set_num_threads(threads)
+
+    data = json.loads((tmp_path / "student_speed.json").read_text())
+    models = data["models"]
+    assert len(models) == 1 + len(student_speed.STUDENT_SHAPES)
+    teacher = models["teacher (fused, served)"]
+    assert teacher["speedup_latency"] == 1.0
+    for row in models.values():
+        low, high = row["latency_ms_range"]
+        assert 0 < low <= row["latency_ms"] <= high
+        assert row["speedup_latency"] == pytest.approx(teacher["latency_ms"] / row["latency_ms"])
+    # Ending after layer3 drops layer4's 8.4 M weights: a quarter of the ResNet-18 trunk.
+    three = models["student, stride 8, 3 layers"]["parameters"]
+    assert three < models["student, stride 8, 4 layers"]["parameters"] / 3
+    assert "| teacher (fused, served) |" in (tmp_path / "student_speed.md").read_text()

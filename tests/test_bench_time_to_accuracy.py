@@ -44,10 +44,17 @@ def test_quick_run_writes_curves_targets_table_and_plot(tmp_path, monkeypatch, c
             assert len(seconds) == epochs + 1 and seconds[0] == 0.0
             assert seconds == sorted(seconds) and seconds[-1] == run["train_seconds"]
             assert all(0.0 <= point["val_acc"] <= 1.0 for point in run["curve"])
+            # The curve follows the arm's served prediction, fixed in advance; every other
+            # prediction is kept beside it.
+            served = tta_arms.ARMS[name].served
+            for point in run["curve"]:
+                assert point["val_acc"] == point["val_acc_by_prediction"][served]
         summary = data["summary"][name]
         best = summary["best_val_acc"]
         assert best["min"] <= best["mean"] <= best["max"]
         assert len(summary["curve"]) == epochs + 1
+        if name != "plain_resnet":
+            assert {"fused", "combined"} <= set(summary["best_val_acc_by_prediction"])
     # Ours and PMG train the same epochs; the plain ResNet's are sized to ours' time.
     assert settings["epochs"]["ours_split"] == settings["epochs"]["pmg"] == 4
     assert settings["plain_epochs_matched"]
@@ -62,7 +69,7 @@ def test_quick_run_writes_curves_targets_table_and_plot(tmp_path, monkeypatch, c
     table = (tmp_path / "time_to_accuracy.md").read_text()
     assert data["machine"]["cpu"] in table and settings["device"] in table
     assert f"= {settings['precision_resolved']} for every arm" in table
-    assert "proxy for the prediction" in table and "key `acc`" in table
+    assert "ours its fused head" in table and "PMG its combined prediction" in table
     assert "![validation accuracy against training time](time_to_accuracy.png)" in table
     for label in ("ours (jigsaw_views: split)", "ours (jigsaw_views: all)", "PMG loop"):
         assert f"| {label}" in table
@@ -94,7 +101,7 @@ def constant_loss_arm(value: float) -> Arm:
     def loss(model, images, labels, ctx):
         return model(images).sum() * 0.0 + value
 
-    return Arm("ours_split", plain.build, plain.groups, one_step(loss))
+    return Arm("ours_split", plain.build, plain.groups, one_step(loss), plain.served)
 
 
 @pytest.mark.parametrize(("value", "message"), [(1.0, "did not fall"), (math.nan, "became nan")])

@@ -10,6 +10,10 @@ demo's 64 px, too coarse to point at a small part; 16 (8) runs layer4 (and layer
 resolution of the layer before, by giving the first block's 3x3 conv and its downsample
 1x1 conv stride 1. No weight changes shape, so the teacher's trunk still loads
 (`copy_teacher_trunk`); the map gains 2x (4x) per side and the pass costs more FLOPs.
+
+`layers: 3` ends the ResNet after layer3 (256 channels, output stride at most 16): layer4 at
+a fine stride is most of the stride-8 student's work, and without it the student is the
+teacher's trunk up to its second tap, the one whose granularity the fine map matches.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class StudentConfig:
     class_names: list[str] = field(default_factory=list)
     # 32, 16 or 8 (resnet18 only); checkpoints written before the option existed used 32.
     output_stride: int = 32
+    # ResNet layers kept (resnet18 only): 4, or 3 to end after layer3 (output stride <= 16).
+    layers: int = 4
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,23 +92,24 @@ class Student(nn.Module):
                 f"student output_stride {config.output_stride} is implemented for resnet18 "
                 f"only; {config.backbone} serves at output_stride 32"
             )
+        if config.layers not in (3, 4) or (config.layers == 3 and config.backbone != "resnet18"):
+            raise IagnError(
+                f"student layers must be 4, or 3 for resnet18 (end after layer3), "
+                f"not {config.layers!r} for {config.backbone}"
+            )
+        if config.layers == 3 and config.output_stride == 32:
+            raise IagnError(
+                "a student that ends after layer3 (layers: 3) has output stride 16 or 8, not 32"
+            )
         self.config = config
         if config.backbone == "resnet18":
             net = build_resnet("resnet18", config.weights)
             kept = {32: (), 16: (net.layer4,), 8: (net.layer3, net.layer4)}
             for layer in kept[config.output_stride]:
                 undo_downsampling(layer)
-            self.features = nn.Sequential(
-                net.conv1,
-                net.bn1,
-                net.relu,
-                net.maxpool,
-                net.layer1,
-                net.layer2,
-                net.layer3,
-                net.layer4,
-            )
-            channels = 512
+            stages = [net.layer1, net.layer2, net.layer3, net.layer4][: config.layers]
+            self.features = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, *stages)
+            channels = stages[-1][-1].bn2.num_features
         else:
             self.features, channels = _mobilenet(config.backbone, config.weights)
         self.classifier = nn.Linear(channels, config.num_classes)
@@ -118,7 +125,8 @@ class Student(nn.Module):
                 f"distill.student_init: teacher needs a student of the teacher's architecture "
                 f"({teacher_backbone}), not {self.config.backbone}; use student_init: weights"
             )
-        trunk = [*teacher.stem, *teacher.layers]
+        # A three-layer student takes the trunk up to layer3.
+        trunk = [*teacher.stem, *teacher.layers][: len(self.features)]
         for target, source in zip(self.features, trunk, strict=True):
             target.load_state_dict(source.state_dict())
 

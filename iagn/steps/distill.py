@@ -71,6 +71,7 @@ def run(
         weights=config.student_weights,
         class_names=prepared.class_names,
         output_stride=config.student_output_stride,
+        layers=config.student_layers,
     )
     seed_everything(config.seed)
     student = Student(student_cfg)
