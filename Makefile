@@ -58,7 +58,7 @@ format: setup  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-BENCHES := bench.validate_throughput bench.train_throughput bench.step_throughput bench.quality \
+BENCHES := bench.validate_throughput bench.step_throughput bench.quality bench.student_speed \
 	bench.kfp_overhead bench.serving_load bench.time_to_accuracy
 
 bench: setup  ## run the benchmarks; results land in bench/results/

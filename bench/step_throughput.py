@@ -1,9 +1,9 @@
 """Training steps per second at the paper's scale: our stage-3 step vs the PMG research loop.
 
-`bench/train_throughput.py` trains both loops for whole epochs on the demo data (64 px
-ResNet-18), which also shows accuracy; this one times single optimizer steps on the recipe
-the speed target is about: `configs/cub.yaml` (ResNet-50, 448 px, batch 16, stage blocks
-of 512 channels, 200 classes), on random images, without data loading. Weights start
+`bench/time_to_accuracy.py` trains both loops for whole epochs on the demo data (64 px
+ResNet-18) and compares accuracy against wall time; this one times single optimizer steps
+on the recipe the speed target is about: `configs/cub.yaml` (ResNet-50, 448 px, batch 16,
+stage blocks of 512 channels, 200 classes), on random images, without data loading. Weights start
 random (no download); throughput does not depend on them. Loops, one after the other on the
 same device:
   - ours at automatic precision (bf16 where native, else fp32) with the recipe's

@@ -137,7 +137,8 @@ def markdown(
         "Loss: training loss, mean over seeds of the first and last epoch's mean; the run "
         "fails when any arm's does not fall or is not finite.",
         "",
-        "Targets, judged on the seed-mean curves (best accuracy so far at each time):",
+        f"Targets, for ours as params.yaml trains it ({labels[pmg.get('ours', 'ours_split')]}), "
+        "judged on the seed-mean curves (best accuracy so far at each time):",
         "",
         *markdown_table(
             ["target", "seed-mean curves", "per seed", "met"], list("lllr"), target_rows

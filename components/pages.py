@@ -17,6 +17,8 @@ from typing import Any
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 EVALUATION_IMAGES = (
     ("attention_gallery.png", "Attention gallery (map and box vs truth)"),
+    ("confused_pairs.png", "Most confused pairs: the map for each class"),
+    ("localization.png", "Localization: IoU distribution and deletion"),
     ("confusion_matrix.png", "Confusion matrix"),
     ("reliability.png", "Reliability diagram"),
 )

@@ -33,6 +33,8 @@ EVALUATION_FILES = (
     "confusion_matrix.png",
     "reliability.png",
     "attention_gallery.png",
+    "localization.png",
+    "confused_pairs.png",
 )
 
 

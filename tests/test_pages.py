@@ -13,6 +13,7 @@ PNG = base64.b64decode(
 
 def test_evaluation_page_shows_the_headline_numbers_and_the_plots_present(tmp_path):
     (tmp_path / "attention_gallery.png").write_bytes(PNG)
+    (tmp_path / "confused_pairs.png").write_bytes(PNG)
     metrics = {"kind": "student <b>", "top1": 0.123456, "ece": 0.05, "not_headline": 7}
     page = evaluation_html(metrics, tmp_path, ("top1", "ece", "latency_ms"))
 
@@ -20,7 +21,7 @@ def test_evaluation_page_shows_the_headline_numbers_and_the_plots_present(tmp_pa
     assert "<tr><td>top1</td><td>0.1235</td></tr>" in page
     assert "<tr><td>ece</td><td>0.05</td></tr>" in page
     assert "latency_ms" not in page and "not_headline" not in page
-    assert "Attention gallery" in page
+    assert "Attention gallery" in page and "Most confused pairs" in page
     assert f"data:image/png;base64,{base64.b64encode(PNG).decode()}" in page
     assert "Confusion matrix" not in page  # no file, no empty section
 

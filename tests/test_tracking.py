@@ -130,7 +130,13 @@ def test_final_evaluation_metrics_and_artifacts_in_s3(mlflow_server, runs, track
         assert len(matches) == 1, (path, [k for k in objects if run_.info.run_id in k])
         return objects[matches[0]]
 
-    for name in ("attention_gallery.png", "confusion_matrix.png", "reliability.png"):
+    for name in (
+        "attention_gallery.png",
+        "confusion_matrix.png",
+        "reliability.png",
+        "localization.png",
+        "confused_pairs.png",
+    ):
         assert stored(teacher, name)[:4] == b"\x89PNG"
     assert json.loads(stored(teacher, "metrics.json"))["top1"] == written["top1"]
     validate = steps["validate"]

@@ -250,8 +250,18 @@ def test_evaluate_teacher_and_student(pipeline_outputs, tmp_path):
         "reliability.png",
         "attention_gallery.png",
         "localization.png",
+        "confused_pairs.png",
     ):
         assert (tmp_path / "t" / name).read_bytes()[:4] == b"\x89PNG"
+    # The confused pairs are those of the served prediction's confusion matrix.
+    errors = round((1 - teacher["top1"]) * teacher["images"])
+    pairs = teacher["confused_pairs"]
+    assert len(pairs) <= params["evaluate"].get("confused_pairs", 3)
+    assert sum(pair["errors"] for pair in pairs) <= errors
+    assert (len(pairs) > 0) == (errors > 0)
+    for pair in pairs:
+        assert pair["errors"] == pair["first_as_second"] + pair["second_as_first"] > 0
+        assert set(pair["classes"]) <= set(teacher["per_class_accuracy"])
 
 
 @pytest.mark.fault(

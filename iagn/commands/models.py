@@ -95,9 +95,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="accuracy per head, calibration, attention localization, speed, size",
+        help="accuracy, calibration, attention localization, confused pairs, speed, size",
         description="Evaluate a teacher or student checkpoint on the test split; writes "
-        "metrics.json, confusion_matrix.png, reliability.png and attention_gallery.png.",
+        "metrics.json, confusion_matrix.png, reliability.png, attention_gallery.png, "
+        "localization.png and confused_pairs.png.",
     )
     evaluate.add_argument(
         "--model", type=input_file("checkpoint"), required=True, help="teacher or student"

@@ -65,6 +65,13 @@ def denormalize(image: torch.Tensor, mean, std) -> np.ndarray:
     return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+def upsampled(attention: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """An [h, w] map bilinearly resized to the image's (height, width), for an overlay."""
+    return torch.nn.functional.interpolate(
+        attention[None, None].float().cpu(), size=tuple(size), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+
+
 def _draw_box(axes, box, color: str, label: str | None = None) -> None:
     x0, y0, x1, y1 = (float(v) for v in box)
     axes.add_patch(
@@ -89,13 +96,7 @@ def attention_gallery(
     figure, axes = plt.subplots(count, 2, figsize=(5, 2.4 * count), squeeze=False)
     for row in range(count):
         pixels = denormalize(images[row], mean, std)
-        height, width = pixels.shape[:2]
-        heat = torch.nn.functional.interpolate(
-            maps[row][None, None].float(),
-            size=(height, width),
-            mode="bilinear",
-            align_corners=False,
-        )[0, 0].numpy()
+        heat = upsampled(maps[row], pixels.shape[:2])
         left, right = axes[row]
         left.imshow(pixels)
         _draw_box(left, true_boxes[row], "lime", "true part" if row == 0 else None)
@@ -108,6 +109,47 @@ def attention_gallery(
             axis.axis("off")
     if count:
         axes[0][0].legend(loc="lower left", fontsize=6)
+    figure.tight_layout()
+    return _save(figure, out)
+
+
+def confused_pairs_plot(rows: list[dict], mean, std, out: Path) -> Path:
+    """One row per example image of a confused pair: the image with its true part box
+    (where known), the attention map for its true class and the map for the class it is
+    confused with, each with that class's probability and box.
+
+    A row: {"image": [3, H, W], "part": [4] or None, "pair": "A / B", "classes": (own,
+    other) names, "probabilities": (p own, p other), "maps": (own, other) [h, w],
+    "boxes": (own, other) [4]}."""
+    if not rows:  # the file is a pipeline output: it exists, and says why it is empty
+        figure, axes = plt.subplots(figsize=(5, 1))
+        axes.text(0.5, 0.5, "No errors between classes on this split", ha="center", va="center")
+        axes.axis("off")
+        return _save(figure, out)
+    count = len(rows)
+    figure, axes = plt.subplots(count, 3, figsize=(6.6, 2.3 * count), squeeze=False)
+    for row, example in zip(axes, rows, strict=True):
+        pixels = denormalize(example["image"], mean, std)
+        row[0].imshow(pixels)
+        if example["part"] is not None:
+            _draw_box(row[0], example["part"], "lime")
+        row[0].set_title(f"{example['pair']}\ntrue: {example['classes'][0]}", fontsize=7)
+        for axis, name, probability, attention, box in zip(
+            row[1:],
+            example["classes"],
+            example["probabilities"],
+            example["maps"],
+            example["boxes"],
+            strict=True,
+        ):
+            axis.imshow(pixels)
+            axis.imshow(
+                upsampled(attention, pixels.shape[:2]), cmap="jet", alpha=0.5, vmin=0, vmax=1
+            )
+            _draw_box(axis, box, "white")
+            axis.set_title(f"map for {name}\np = {probability:.2f}", fontsize=7)
+        for axis in row:
+            axis.axis("off")
     figure.tight_layout()
     return _save(figure, out)
 

@@ -11,7 +11,9 @@ head, fused, combined, weighted, the attended crop alone, two-pass) is reported 
   accuracy, the IoU distribution) with the chance level of each and the lift above it;
 - deletion: the served class probability's drop when the most attended or random pixels
   are erased (iagn/evaluation/deletion.py);
-- an attention gallery of a fixed sample of images, parameter count and size.
+- an attention gallery of a fixed sample of images, parameter count and size;
+- the most confused class pairs (iagn/evaluation/confused.py), with a panel of where the
+  model looks for each class of a pair on the images it confuses.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from iagn.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from iagn.device import device_name, pick_device
+from iagn.evaluation.confused import ConfusedPair, confused_pairs, pick_examples
 from iagn.evaluation.deletion import FRACTIONS, deletion_drops
 from iagn.evaluation.localization import (
     box_chance,
@@ -33,6 +36,7 @@ from iagn.evaluation.localization import (
 from iagn.evaluation.metrics import calibration, confusion_matrix, per_class_accuracy, topk_accuracy
 from iagn.evaluation.plots import (
     attention_gallery,
+    confused_pairs_plot,
     confusion_plot,
     localization_plot,
     reliability_plot,
@@ -57,6 +61,8 @@ def evaluate_section(params: dict) -> dict[str, Any]:
         "split": "test",
         "deletion_fractions": list(FRACTIONS),
         "seed": 0,
+        "confused_pairs": 3,
+        "confused_examples": 2,
     }
     return {**defaults, **params.get("evaluate", {})}
 
@@ -136,6 +142,8 @@ def run(
     metrics["per_class_accuracy"] = dict(
         zip(prepared.class_names, per_class_accuracy(confusion), strict=True)
     )
+    pairs = confused_pairs(confusion, int(settings["confused_pairs"]))
+    metrics["confused_pairs"] = [pair.to_dict(prepared.class_names) for pair in pairs]
     ece, table = calibration(final, labels_t)
     metrics["ece"] = ece
     metrics["temperature"] = serving.temperature
@@ -187,9 +195,58 @@ def run(
             IMAGENET_STD,
             out / "attention_gallery.png",
         )
+    examples = _confused_examples(
+        predictor, loader.dataset, pairs, final, labels_t, settings, prepared.class_names
+    )
+    confused_pairs_plot(examples, IMAGENET_MEAN, IMAGENET_STD, out / "confused_pairs.png")
     write_json_atomic(out / "reliability.json", table)
     write_json_atomic(out / METRICS_FILE, metrics)  # last: its presence means complete
     return metrics
+
+
+def _confused_examples(
+    predictor: Predictor,
+    dataset,
+    pairs: list[ConfusedPair],
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    settings: dict,
+    class_names: list[str],
+) -> list[dict]:
+    """The panel rows of `confused_pairs_plot`: each picked image explained twice, for its
+    own class and for the class it is confused with."""
+    probabilities = logits.softmax(1)
+    rows = []
+    for pair in pairs:
+        picks = pick_examples(labels, logits.argmax(1), pair, int(settings["confused_examples"]))
+        items = [dataset[index] for index, _ in picks]
+        images = torch.stack([item["image"] for item in items])
+        own = torch.tensor([int(item["label"]) for item in items])
+        other = torch.tensor([confusing for _, confusing in picks])
+        own_maps, own_boxes = predictor.explain(images, own)
+        other_maps, other_boxes = predictor.explain(images, other)
+        parts, has_part = ground_truth_boxes(
+            torch.stack([item["boxes"] for item in items]),
+            torch.stack([item["box_valid"] for item in items]),
+        )
+        title = f"{class_names[pair.first]} / {class_names[pair.second]}: {pair.errors} errors"
+        for k, (index, confusing) in enumerate(picks):
+            mine = int(own[k])
+            rows.append(
+                {
+                    "image": images[k],
+                    "part": parts[k] if has_part[k] else None,
+                    "pair": title,
+                    "classes": (class_names[mine], class_names[confusing]),
+                    "probabilities": (
+                        float(probabilities[index, mine]),
+                        float(probabilities[index, confusing]),
+                    ),
+                    "maps": (own_maps[k].cpu(), other_maps[k].cpu()),
+                    "boxes": (own_boxes[k].cpu(), other_boxes[k].cpu()),
+                }
+            )
+    return rows
 
 
 def _localization(seen: dict[str, torch.Tensor], usable: torch.Tensor) -> dict[str, float]:

@@ -74,7 +74,7 @@ class StageConfig:
     seed: int = 0
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5
-    jigsaw_views: str = "split"
+    jigsaw_views: str = "all"
     attention_crop_fraction: float = 0.25
     attention_crop_margin: tuple[float, float] = (0.1, 0.3)
     attention_threshold: float = 0.5
