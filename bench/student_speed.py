@@ -36,7 +36,7 @@ from iagn.models.student import Student, StudentConfig
 from iagn.train.config import model_config
 
 # (output stride, ResNet layers kept) of the resnet18 student
-STUDENT_SHAPES = ((32, 4), (16, 4), (8, 4), (16, 3), (8, 3))
+STUDENT_SHAPES = ((32, 4), (16, 4), (8, 4), (16, 3), (8, 3), (8, 2))
 
 
 def models(params: dict, classes: int) -> dict[str, torch.nn.Module]:

@@ -16,7 +16,7 @@ Targets, judged on the seed-mean curves (per-seed counts alongside):
 The run fails (exit 1) if an arm's training loss is not finite or does not fall (mean of
 the last epoch below the first's). Progress goes to stderr, one line per arm, seed, epoch.
 
-    python -m bench.time_to_accuracy           # data/synth (`make data`), ~10-15 min on 2 cores
+    python -m bench.time_to_accuracy           # data/synth (`make data`), ~25 min on 2 cores
     python -m bench.time_to_accuracy --quick   # smoke overlay, tiny 32 px data: for tests
     python -m bench.time_to_accuracy --threads 1   # a CPU other jobs share: no thread thrash
 """
@@ -122,7 +122,9 @@ def finite(value):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke data, for tests")
-    parser.add_argument("--epochs", type=int, default=None, help="ours and PMG (default 4)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="ours and PMG (default 10; --quick: 4)"
+    )
     parser.add_argument("--plain-epochs", type=int, default=None, help="default: time-matched")
     parser.add_argument("--seeds", type=int, default=None, help="default 3 (--quick: 2)")
     parser.add_argument("--evals-per-epoch", type=int, default=None, help="default 2 (--quick: 1)")
@@ -134,9 +136,9 @@ def main(argv: list[str] | None = None) -> None:
         "jobs, 1 avoids the thread contention that slows every step",
     )
     args = parser.parse_args(argv)
-    # 4 epochs: the default run fits ~10-15 min on 2 quiet cores, and every arm's loss falls
-    # on --quick's tiny data
-    args.epochs = args.epochs or 4
+    # 10 epochs: at 4 every arm was still near chance on the demo data; 10 fit ~25 min on 2
+    # cores. --quick: 4, enough for every arm's loss to fall on its tiny data.
+    args.epochs = args.epochs or (4 if args.quick else 10)
     args.seeds = args.seeds or (2 if args.quick else 3)
     args.evals_per_epoch = args.evals_per_epoch or (1 if args.quick else 2)
 

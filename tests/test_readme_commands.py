@@ -89,7 +89,7 @@ SKIPPED = {
     "make demo": "sets up .venv (pip) and runs the DAG at demo scale (7 min); "
     "tests/test_kfp_local.py runs the same `iagn-pipeline run-local` on the smoke configuration",
     "make test": "the test suite itself",
-    "python -m bench.time_to_accuracy": "a benchmark (about 20 minutes); "
+    "python -m bench.time_to_accuracy": "a benchmark (about 25 minutes); "
     "tests/test_bench_time_to_accuracy.py runs its --quick mode",
     # The team tracking server: PostgreSQL and S3 that do not exist here.
     "MLFLOW_S3_ENDPOINT_URL=https://minio.example.com AWS_ACCESS_KEY_ID=... "

@@ -36,19 +36,21 @@ def test_output_stride_sets_the_map_and_keeps_the_teacher_trunk(teacher, stride)
         assert cam.shape[-2:] == teacher(x).stage_maps[0].shape[-2:]
 
 
-@pytest.mark.parametrize("stride", [16, 8])
+@pytest.mark.parametrize(("layers", "stride"), [(3, 16), (3, 8), (2, 8)])
 @torch.no_grad()
-def test_a_three_layer_student_ends_after_layer3_of_the_teacher_trunk(teacher, stride):
-    student = Student(StudentConfig(num_classes=5, output_stride=stride, layers=3)).eval()
+def test_a_shorter_student_ends_inside_the_teacher_trunk(teacher, layers, stride):
+    student = Student(StudentConfig(num_classes=5, output_stride=stride, layers=layers)).eval()
     student.copy_teacher_trunk(teacher, "resnet18")
-    assert len(student.features) == len(teacher.stem) + 2  # stem, layer2, layer3
-    assert student.classifier.in_features == 256
+    assert len(student.features) == len(teacher.stem) + layers - 1  # stem, layer2 [, layer3]
+    assert student.classifier.in_features == {3: 256, 2: 128}[layers]
     x = torch.randn(2, 3, 64, 64)
     logits, shares = student.forward_with_attribution(x)
     assert shares.shape == (2, 64 // stride, 64 // stride)
-    # The trunk is the teacher's up to layer3: the same features.
-    teacher_features = teacher.layers[1](teacher.layers[0](teacher.stem(x)))
-    if stride == 16:
+    # The trunk is the teacher's up to the same layer: the same features.
+    teacher_features = teacher.stem(x)
+    for layer in teacher.layers[: layers - 1]:
+        teacher_features = layer(teacher_features)
+    if stride == {3: 16, 2: 8}[layers]:  # no downsampling undone
         torch.testing.assert_close(student.features(x), teacher_features)
     bias = student.classifier.bias[logits.argmax(1)]
     torch.testing.assert_close(shares.sum(dim=(1, 2)) + bias, logits.max(1).values)
@@ -58,9 +60,11 @@ def test_output_stride_is_checked_and_old_students_load_at_32():
     config = StudentConfig.from_dict({"backbone": "resnet18", "num_classes": 3})
     assert config.output_stride == 32  # checkpoints written before the option
     assert config.layers == 4
-    with pytest.raises(IagnError, match="output stride 16 or 8, not 32"):
+    with pytest.raises(IagnError, match="output stride 16 or less, not 32"):
         Student(StudentConfig(layers=3))
-    with pytest.raises(IagnError, match="layers must be 4, or 3 for resnet18"):
+    with pytest.raises(IagnError, match="output stride 8 or less, not 16"):
+        Student(StudentConfig(layers=2, output_stride=16))
+    with pytest.raises(IagnError, match="layers must be 4, or 3 or 2 for resnet18"):
         Student(StudentConfig(backbone="mobilenet_v3_small", layers=3))
     with pytest.raises(IagnError, match="resnet18 only"):
         Student(StudentConfig(backbone="mobilenet_v3_small", output_stride=16))

@@ -40,7 +40,7 @@ class StudentConfig:
     class_names: list[str] = field(default_factory=list)
     # 32, 16 or 8 (resnet18 only); checkpoints written before the option existed used 32.
     output_stride: int = 32
-    # ResNet layers kept (resnet18 only): 4, or 3 to end after layer3 (output stride <= 16).
+    # ResNet layers kept (resnet18 only): 4, 3 or 2 (output stride <= 32, 16, 8).
     layers: int = 4
 
     def to_dict(self) -> dict:
@@ -92,14 +92,16 @@ class Student(nn.Module):
                 f"student output_stride {config.output_stride} is implemented for resnet18 "
                 f"only; {config.backbone} serves at output_stride 32"
             )
-        if config.layers not in (3, 4) or (config.layers == 3 and config.backbone != "resnet18"):
+        if config.layers not in (2, 3, 4) or (config.layers < 4 and config.backbone != "resnet18"):
             raise IagnError(
-                f"student layers must be 4, or 3 for resnet18 (end after layer3), "
+                f"student layers must be 4, or 3 or 2 for resnet18 (end after layer3 or layer2), "
                 f"not {config.layers!r} for {config.backbone}"
             )
-        if config.layers == 3 and config.output_stride == 32:
+        finest = {2: 8, 3: 16, 4: 32}[config.layers]  # the stride without undone downsampling
+        if config.output_stride > finest:
             raise IagnError(
-                "a student that ends after layer3 (layers: 3) has output stride 16 or 8, not 32"
+                f"a student that ends after layer{config.layers} (layers: {config.layers}) has "
+                f"output stride {finest} or less, not {config.output_stride}"
             )
         self.config = config
         if config.backbone == "resnet18":

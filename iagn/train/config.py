@@ -101,7 +101,7 @@ class DistillConfig:
     student_weights: str = "none"
     # Student's map resolution (resnet18: 32, 16 or 8; MobileNet: 32), see iagn/models/student.py
     student_output_stride: int = 32
-    # ResNet layers the resnet18 student keeps: 4, or 3 to end after layer3 (stride 16 or 8)
+    # ResNet layers the resnet18 student keeps: 4, 3 (ends after layer3) or 2 (after layer2)
     student_layers: int = 4
     epochs: int = 6
     batch_size: int = 16
