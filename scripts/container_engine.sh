@@ -87,7 +87,26 @@ sys.exit(0 if b"OK" in s.recv(4096) else 1)
 EOF
 }
 
+# PIDs of podman services whose working directory was deleted: they answer the API but every
+# container they start fails ("write child: broken pipe"), so they are replaced.
+stale_services() {
+  local pid
+  for pid in $(pgrep -f "podman system service" || true); do
+    case "$(sudo_cmd readlink "/proc/$pid/cwd" 2>/dev/null)" in
+      *" (deleted)") echo "$pid" ;;
+    esac
+  done
+}
+
 serve() {
+  local stale
+  stale=$(stale_services)
+  if [ -n "$stale" ]; then
+    echo "container_engine.sh: restarting podman system service (its working directory was deleted)"
+    # shellcheck disable=SC2086  # one PID per word
+    sudo_cmd kill $stale
+    sleep 1
+  fi
   if [ -S "$SOCKET" ] && api_answers "$SOCKET"; then
     echo "container_engine.sh: the Docker API answers at unix://$SOCKET"
     return 0
@@ -98,8 +117,12 @@ serve() {
   }
   sudo_cmd mkdir -p "$(dirname "$SOCKET")"
   sudo_cmd rm -f "$SOCKET"
-  # --time=0: no idle timeout; it lives until the machine (or CI job) ends.
-  sudo_cmd nohup podman system service --time=0 "unix://$SOCKET" >/tmp/iagn-podman-service.log 2>&1 &
+  # --time=0: no idle timeout; it lives until the machine (or CI job) ends. Started from /:
+  # every container's monitor (conmon) inherits the service's working directory, and a
+  # deleted one (the clone that first ran `make test`) fails every later container start
+  # with "write child: broken pipe".
+  (cd / && sudo_cmd nohup podman system service --time=0 "unix://$SOCKET" \
+    >/tmp/iagn-podman-service.log 2>&1 &)
   for _ in $(seq 1 50); do
     if [ -S "$SOCKET" ] && api_answers "$SOCKET"; then
       echo "container_engine.sh: the Docker API answers at unix://$SOCKET (podman system service)"

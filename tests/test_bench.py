@@ -80,7 +80,7 @@ def test_serving_load_reports_latency_errors_and_memory_per_payload(tmp_path, mo
     assert "| synth-64px | 2 | 16 | 200 |" in table and "| bomb-20000px | 2 | 4 | 400 |" in table
 
 
-def test_quality_targets_hold_only_when_every_seed_meets_them():
+def test_quality_targets_hold_only_when_every_seed_meets_them(tmp_path, monkeypatch):
     """A win on the mean that one seed does not share is not reported as met."""
     from bench import quality
 
@@ -114,9 +114,23 @@ def test_quality_targets_hold_only_when_every_seed_meets_them():
         "distill": {"student": "resnet18", "epochs": 6},
         **{f"stage{s}": {"epochs": 1} for s in (1, 2, 3)},
     }
-    markdown, data = quality.report(params, runs, [0, 1], (0.5, 0.7))
+    host = {"cpu": "Test CPU", "cpu_native_bf16": False, "threads": 1, "torch": "x"}
+    markdown, data = quality.report(params, runs, [0, 1], (0.5, 0.7), host)
     assert "0.745 (0.690-0.800)" in markdown and "teacher_ge_plain: NO" in markdown
     assert data["summary"]["teacher"]["top1"]["min"] == 0.69
+    assert "Machine: Test CPU (1 threads" in markdown and data["params"] == params
+    # A plain ResNet whose erased "attention" hurts no more than random pixels does not
+    # fail the check: it judges the served models' maps.
+    runs[0]["plain"]["deletion_attended_20"] = 0.0
+    assert quality.checks(runs)["attended_erase_hurts_more"]
+    runs[0]["student"]["deletion_attended_20"] = 0.0
+    assert not quality.checks(runs)["attended_erase_hurts_more"]
+    # --report-only writes the report again from the stored runs, on the stored machine.
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    bench.common.write_results("quality", markdown, data)
+    quality.main(["--report-only"])
+    again = (tmp_path / "quality.md").read_text()
+    assert "Machine: Test CPU (1 threads" in again and "attended_erase_hurts_more: NO" in again
 
 
 def test_student_speed_times_the_teacher_and_every_student_shape(tmp_path, monkeypatch):
