@@ -89,6 +89,9 @@ SKIPPED = {
     "make demo": "sets up .venv (pip) and runs the DAG at demo scale (7 min); "
     "tests/test_kfp_local.py runs the same `iagn-pipeline run-local` on the smoke configuration",
     "make test": "the test suite itself",
+    "python -m bench.step_throughput --backbone resnet50 --px 224 --batch-size 8 --steps 10": (
+        "a benchmark (about 3 minutes); tests/test_bench.py runs it at a toy scale"
+    ),
     "python -m bench.time_to_accuracy": "a benchmark (about 25 minutes); "
     "tests/test_bench_time_to_accuracy.py runs its --quick mode",
     # The team tracking server: PostgreSQL and S3 that do not exist here.
