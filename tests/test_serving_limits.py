@@ -374,13 +374,6 @@ def test_a_small_file_declaring_a_huge_image_gets_400_and_no_memory(server, make
         assert response.status == 200
 
 
-@pytest.mark.fault(
-    "a request body over the server's limit (declared by Content-Length, or chunked)",
-    sees="HTTP 413 REQUEST_TOO_LARGE: `the request body is ... bytes, above this server's "
-    "limit of ...; send fewer or smaller images per request, or start the server with a "
-    "larger --max-body-mb`",
-    kept="the body is never read whole; the connection is closed; the server goes on serving",
-)
 def declare_body(port: int, size: int) -> tuple[http.client.HTTPResponse, dict]:
     """POST headers that declare a `size`-byte body, and no body: the answer to a body over
     the limit must not wait for it (sending it would race the server closing the socket)."""
@@ -393,6 +386,13 @@ def declare_body(port: int, size: int) -> tuple[http.client.HTTPResponse, dict]:
     return response, json.loads(response.read())
 
 
+@pytest.mark.fault(
+    "a request body over the server's limit (declared by Content-Length, or chunked)",
+    sees="HTTP 413 REQUEST_TOO_LARGE: `the request body is ... bytes, above this server's "
+    "limit of ...; send fewer or smaller images per request, or start the server with a "
+    "larger --max-body-mb`",
+    kept="the body is never read whole; the connection is closed; the server goes on serving",
+)
 def test_a_declared_body_over_the_limit_gets_413_before_it_is_sent(server):
     response, answer = declare_body(server["port"], 10**10)
     assert response.status == 413
