@@ -48,18 +48,18 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
-def load_line(start: float, end: float, threads: int) -> str:
-    """The results files' "Load:" line: whether the run had the CPU to itself."""
+def load_line(start: float, end: float, threads: int, interleaved: bool = True) -> str:
+    """The results files' "Load:" line: whether the run had the CPU to itself.
+    `interleaved`: the compared runs alternate, so a change of load hits all alike."""
     cores = os.cpu_count() or 1
     line = (
         f"Load: 1-minute load average {start:.1f} at the start, {end:.1f} at the end, on "
         f"{cores} cores, {threads} torch thread(s)"
     )
     if max(start, end) > 0.75 * cores:
-        return line + (
-            ": the run shared the CPU with other work, so wall times carry that noise "
-            "(the compared runs are interleaved so it hits all alike)."
-        )
+        line += ": the run shared the CPU with other work, so wall times carry that noise"
+        if interleaved:
+            line += " (the compared runs are interleaved so it hits all alike)"
     return line + "."
 
 

@@ -164,7 +164,8 @@ def report(
         "# Quality on the synthetic demo data (served predictions)",
         "",
         machine_line(host) + f" Precision served: {runs[0]['teacher']['precision']}.",
-        load_line(*load, host["threads"]),
+        # Each seed's three models run one after the other, not interleaved.
+        load_line(*load, host["threads"], interleaved=False),
         f"Data: {params['data']['synth']}, crop {params['data']['crop']} px. Teacher: "
         + ", ".join(f"stage {s} {params[f'stage{s}']['epochs']} epochs" for s in (1, 2, 3))
         + f"; student {params['distill']['epochs']} epochs. Seeds {seeds}: mean (min-max).",

@@ -137,7 +137,7 @@ def markdown(
         "Loss: training loss, mean over seeds of the first and last epoch's mean; the run "
         "fails when any arm's does not fall or is not finite.",
         "",
-        f"Targets, for ours as params.yaml trains it ({labels[pmg.get('ours', 'ours_split')]}), "
+        f"Targets, for ours as params.yaml trains it ({labels[pmg['ours']]}), "
         "judged on the seed-mean curves (best accuracy so far at each time):",
         "",
         *markdown_table(

@@ -11,9 +11,10 @@ resolution of the layer before, by giving the first block's 3x3 conv and its dow
 1x1 conv stride 1. No weight changes shape, so the teacher's trunk still loads
 (`copy_teacher_trunk`); the map gains 2x (4x) per side and the pass costs more FLOPs.
 
-`layers: 3` ends the ResNet after layer3 (256 channels, output stride at most 16): layer4 at
-a fine stride is most of the stride-8 student's work, and without it the student is the
-teacher's trunk up to its second tap, the one whose granularity the fine map matches.
+`layers` ends the ResNet earlier: 3 after layer3 (256 channels, output stride at most 16),
+2 after layer2 (128 channels, output stride 8 with no downsampling undone). Layer4 at a fine
+stride is most of the stride-8 student's work; without it the student is the teacher's
+trunk up to its second (layers 3) or first (layers 2) tap.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ class Student(nn.Module):
                 f"distill.student_init: teacher needs a student of the teacher's architecture "
                 f"({teacher_backbone}), not {self.config.backbone}; use student_init: weights"
             )
-        # A three-layer student takes the trunk up to layer3.
+        # A shorter student takes the trunk up to its own last layer.
         trunk = [*teacher.stem, *teacher.layers][: len(self.features)]
         for target, source in zip(self.features, trunk, strict=True):
             target.load_state_dict(source.state_dict())
