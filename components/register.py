@@ -18,6 +18,7 @@ def register(
     model_name: str,
     decision: Output[Markdown],
     result: Output[Artifact],
+    may_promote: bool = True,
 ) -> str:
     """Register the evaluated models with aliases challenger / champion (iagn.runner.register).
 
@@ -34,6 +35,7 @@ def register(
         model_name: Registered model name ("" = register.model_name of params.yaml).
         decision: What was registered, with aliases and why.
         result: register.json (the decision per model).
+        may_promote: False registers `challenger` only (a sweep's winner).
 
     Returns:
         The student's model URI, models:/<name>/<version>.
@@ -58,6 +60,7 @@ def register(
             teacher_eval=teacher_evaluation.path,
             out=result.path,
             ends_pipeline=False,  # the exit handler ends the pipeline's MLflow parent
+            may_promote=may_promote,
         )
         write_text(decision.path, register_markdown(outcome))
         first = outcome["outcomes"][0]

@@ -117,3 +117,24 @@ def apply_overrides(params: dict[str, Any], overrides: Mapping[str, Any] | None)
             node = child
         node[keys[-1]] = value
     return params
+
+
+# What a trained model is, beyond its seed: runs whose params agree on these sections, seeds
+# aside, are the same recipe, and their spread is the seed-to-seed noise (the model card).
+RECIPE_SECTIONS = ("data", "model", "train", "stage1", "stage2", "stage3", "distill", "serve")
+SEED_KEYS = ("seed",)
+
+
+def recipe_digest(params: Mapping[str, Any]) -> str:
+    """sha256 (16 hex digits) of the recipe sections with every `seed` key left out."""
+    import hashlib
+    import json
+
+    def without_seeds(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {k: without_seeds(v) for k, v in node.items() if k not in SEED_KEYS}
+        return node
+
+    recipe = {name: without_seeds(params.get(name)) for name in RECIPE_SECTIONS}
+    text = json.dumps(recipe, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -47,9 +47,12 @@ TAG_KIND = "iagn.kind"
 # versions' numbers compare only when both match.
 TAG_EVAL_DIGEST = "iagn.eval_data_digest"
 TAG_EVAL_SPLIT = "iagn.eval_split"
+# On evaluation runs: `iagn.params.recipe_digest` of the params (seeds left out).
+TAG_RECIPE = "iagn.recipe"
 # The promotion decision and why ("promoted: ...", "not promoted: ..."); "pending" while a
 # registration has created the version but not yet decided (a rerun finishes it).
 TAG_PROMOTION = "iagn.promotion"
+TAG_COMPARED = "iagn.compared_with"  # the champion's version the decision compared with
 # Evaluation numbers copied to each version's tags: what `iagn models` shows and what the
 # champion comparison reads.
 VERSION_METRICS = (

@@ -27,6 +27,7 @@ from iagn.errors import IagnError
 from iagn.params import section
 from iagn.provenance import provenance_tags
 
+CARD_LINK_SEPARATOR = "\n\n"  # between the decision and the card's link in a description
 EVALUATION_FILES = (
     "metrics.json",
     "reliability.json",
@@ -197,16 +198,26 @@ def evaluate(
     with tracking.step_run("evaluate", params, ("data", "evaluate"), output=out) as run:
         metrics = step.run(model_path, data, params, out, device=device, quiet=quiet)
         if run.active:
-            _log_evaluation(run, metrics, Path(model_path), Path(out))
+            _log_evaluation(run, metrics, Path(model_path), Path(out), params)
     return metrics
 
 
-def _log_evaluation(run: tracking.StepRun, metrics: dict, model_path: Path, out: Path) -> None:
+def _log_evaluation(
+    run: tracking.StepRun, metrics: dict, model_path: Path, out: Path, params: dict
+) -> None:
     import mlflow
 
     from iagn.checkpoint import load_checkpoint
     from iagn.io import sha256_file
-    from iagn.registry import TAG_CHECKPOINT, TAG_KIND, find_logged_model
+    from iagn.params import recipe_digest
+    from iagn.registry import (
+        TAG_CHECKPOINT,
+        TAG_EVAL_DIGEST,
+        TAG_EVAL_SPLIT,
+        TAG_KIND,
+        TAG_RECIPE,
+        find_logged_model,
+    )
 
     kind = metrics["kind"]
     sha = sha256_file(model_path)
@@ -224,6 +235,10 @@ def _log_evaluation(run: tracking.StepRun, metrics: dict, model_path: Path, out:
             TAG_CHECKPOINT: sha,
             "iagn.device": metrics.get("device", ""),
             "iagn.precision": metrics.get("precision", ""),
+            # What the model card finds the other seeds of this recipe by.
+            TAG_RECIPE: recipe_digest(params),
+            TAG_EVAL_DIGEST: str(metrics.get("eval_data_digest", "")),
+            TAG_EVAL_SPLIT: str(metrics.get("split", "")),
         }
     )
     for name in EVALUATION_FILES:
@@ -252,8 +267,19 @@ def _read_metrics(eval_dir: Path, kind: str, checkpoint: dict) -> dict[str, Any]
     return metrics
 
 
-def _register_one(run: tracking.StepRun, client, config, kind: str, path: Path, eval_dir: Path):
-    """The gate, then (if passed) the registry, for one checkpoint: the outcome as a dict."""
+def _register_one(
+    run: tracking.StepRun,
+    client,
+    config,
+    params: dict,
+    kind: str,
+    path: Path,
+    eval_dir: Path,
+    out: Path | None,
+    may_promote: bool = True,
+):
+    """The gate, then (if passed) the registry and the version's model card, for one
+    checkpoint: the outcome as a dict (with `card`, the card's HTML file when `out`)."""
     from iagn.checkpoint import load_checkpoint
     from iagn.io import sha256_file
     from iagn.registry import find_logged_model, weights_sha256
@@ -288,7 +314,59 @@ def _register_one(run: tracking.StepRun, client, config, kind: str, path: Path, 
         weights_sha256=weights_sha256(checkpoint["model_state"]),
     )
     with tracking.mlflow_errors(run.uri):
-        return step.register(client, candidate, config, run.pipeline_run_id).to_dict()
+        outcome = step.register(client, candidate, config, run.pipeline_run_id, may_promote)
+    card = _model_card(run, client, config, params, outcome, candidate, checkpoint, eval_dir, out)
+    return {**outcome.to_dict(), "card": card}
+
+
+def _model_card(run, client, config, params, outcome, candidate, checkpoint, eval_dir, out):
+    """Write the version's model card, log it to its logged model, link it from the
+    version's description; the local card.html when written under `out`, else None."""
+    import tempfile
+
+    from iagn import card
+    from iagn.params import recipe_digest
+
+    with tracking.mlflow_errors(run.uri):
+        facts = card.gather(
+            client,
+            name=outcome.model_name,
+            version=outcome.version,
+            kind=outcome.kind,
+            model_id=candidate.model_id,
+            checkpoint=checkpoint,
+            params=params,
+            metrics=candidate.metrics,
+            eval_dir=eval_dir,
+            experiment_id=run.experiment_id,
+            runs={"parent": run.parent_id, "source": candidate.run_id, "register": run.run_id},
+            recipe=recipe_digest(params),
+            sha=candidate.checkpoint_sha256,
+        )
+    with tempfile.TemporaryDirectory(prefix="iagn-card-") as tmp:
+        folder = Path(out) / f"card-{outcome.kind}" if out is not None else Path(tmp)
+        card.write_card(facts, config.promote, folder)
+        if candidate.model_id:
+            with tracking.mlflow_errors(run.uri):
+                _log_card(client, outcome, candidate.model_id, folder)
+    return str(folder / card.CARD_HTML) if out is not None else None
+
+
+def _log_card(client, outcome, model_id: str, folder: Path) -> None:
+    from iagn import card
+
+    where = card.card_path(outcome.model_name, outcome.version)
+    client.log_model_artifacts(model_id, str(folder), where)
+    experiment = client.get_logged_model(model_id).experiment_id
+    link = (
+        f"[Model card]({card.ui_link(experiment, model_id)}) (`{where}/{card.CARD_HTML}`; "
+        f"`iagn models card {outcome.model_name}/{outcome.version}`)"
+    )
+    current = client.get_model_version(outcome.model_name, outcome.version).description or ""
+    kept = current.split(CARD_LINK_SEPARATOR)[0]  # a rerun replaces the link, never stacks
+    client.update_model_version(
+        outcome.model_name, outcome.version, description=f"{kept}{CARD_LINK_SEPARATOR}{link}"
+    )
 
 
 def register(
@@ -299,6 +377,7 @@ def register(
     teacher_eval: str | Path | None = None,
     out: str | Path | None = None,
     ends_pipeline: bool = True,
+    may_promote: bool = True,
 ) -> dict[str, Any]:
     """Gate, then register the student (and the teacher) in a `register` run.
 
@@ -313,6 +392,8 @@ def register(
     (`tracking.step_run`; a KFP_RUN_ID parent is left to the KFP exit handler either way).
     The KFP component passes False: under `iagn-pipeline run-local` the key is
     IAGN_PIPELINE_RUN too, and the exit handler ends that parent.
+
+    `may_promote` False registers `challenger` only (a sweep's winner: a person promotes it).
     """
     import mlflow
 
@@ -337,7 +418,7 @@ def register(
     ) as run:
         client = mlflow.MlflowClient()
         outcomes = [
-            _register_one(run, client, config, kind, path, eval_dir)
+            _register_one(run, client, config, params, kind, path, eval_dir, out, may_promote)
             for kind, path, eval_dir in models
         ]
         result = {"passed": outcomes[0]["gate_passed"], "outcomes": outcomes}

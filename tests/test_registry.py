@@ -237,6 +237,17 @@ def test_champion_changes_only_for_a_better_model_that_still_localizes(
     aliases = client.get_registered_model(MODEL_NAME).aliases
     assert aliases["challenger"] == outcome["version"] != aliases["champion"]
 
+    # Better, but a sweep's winner (may_promote False): challenger only, the verdict kept.
+    path, evaluation = _candidate(
+        tracked_pipeline, tmp_path, "swept", top1=top1 + 0.1, pointing_game=place
+    )
+    monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "promote-swept")
+    (outcome,) = runner.register(path, evaluation, params, may_promote=False)["outcomes"]
+    assert not outcome["champion"]
+    assert outcome["reason"].startswith("challenger only (a sweep's winner); it would be: top1")
+    aliases = client.get_registered_model(MODEL_NAME).aliases
+    assert aliases["challenger"] == outcome["version"] != aliases["champion"]
+
     # Better top-1 within the localization tolerance: the new champion.
     path, evaluation = _candidate(
         tracked_pipeline, tmp_path, "better", top1=top1 + 0.1, pointing_game=place - 0.01

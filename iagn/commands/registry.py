@@ -94,6 +94,79 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_spec(text: str) -> tuple[str, str, str]:
+    """NAME@ALIAS or NAME/VERSION -> (name, "alias" or "version", alias or number)."""
+    name, at, alias = text.rpartition("@")
+    if at and name and alias:
+        return name, "alias", alias
+    name, slash, number = text.rpartition("/")
+    if slash and name and number.isdigit():
+        return name, "version", number
+    raise argparse.ArgumentTypeError(
+        f"{text!r} names no version: write NAME@ALIAS (iagn@champion) or NAME/VERSION (iagn/3)"
+    )
+
+
+def _card_version(client, uri: str, name: str, how: str, which: str):
+    from mlflow.exceptions import MlflowException
+
+    from iagn.errors import IagnError
+
+    try:
+        if how == "alias":
+            return client.get_model_version_by_alias(name, which)
+        return client.get_model_version(name, which)
+    except MlflowException:
+        raise IagnError(
+            f"{name} has no version {'with the alias ' if how == 'alias' else ''}{which} in "
+            f"{uri}; `iagn models --name {name}` lists the versions"
+        ) from None
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    import webbrowser
+    from pathlib import Path
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from iagn import tracking
+    from iagn.card import CARD_HTML, CARD_MARKDOWN, card_path
+    from iagn.errors import IagnError
+
+    name, how, which = args.version
+    uri = tracking.configure()
+    download = Path(tempfile.mkdtemp(prefix="iagn-card-"))
+    with tracking.mlflow_errors(uri):
+        version = _card_version(mlflow.MlflowClient(), uri, name, how, which).version
+        where = card_path(name, version)
+        try:
+            fetched = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}/{where}", dst_path=str(download)
+            )
+        except (MlflowException, OSError):
+            raise IagnError(
+                f"{name} version {version} has no model card (registered before iagn wrote "
+                "cards?); run `iagn register` again for it: registering is idempotent and "
+                "writes the card"
+            ) from None
+    folder = Path(fetched)
+    if args.out is not None:
+        shutil.copytree(folder, args.out, dirs_exist_ok=True)
+        shutil.rmtree(download)
+        folder = Path(args.out)
+    if args.open:
+        webbrowser.open((folder / CARD_HTML).resolve().as_uri())
+    if args.out is None and not args.open:
+        print((folder / CARD_MARKDOWN).read_text(), end="")
+        shutil.rmtree(download)
+    else:
+        print(f"model card of {name} version {version}: {folder / CARD_HTML}")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "register",
@@ -148,3 +221,22 @@ def register(commands: argparse._SubParsersAction) -> None:
         "is one, else the default name iagn)",
     )
     models.set_defaults(handler=cmd_models)
+    what = models.add_subparsers(dest="models_command", metavar="COMMAND")
+    card = what.add_parser(
+        "card",
+        help="print (or write, or open) the model card of a registered version",
+        description="The card `iagn register` wrote for the version: identity, training "
+        "recipe, served configuration, metrics with their spread over seeds, per-class "
+        "accuracy, calibration, localization against chance, latency and size, attention "
+        "gallery, confused pairs, data validation, limits, and the comparison with the "
+        "champion it met. Prints its Markdown; --out writes card.md, card.html and the "
+        "images; --open opens card.html in a browser.",
+    )
+    card.add_argument(
+        "version", type=_version_spec, help="NAME@ALIAS (iagn@champion) or NAME/VERSION (iagn/3)"
+    )
+    card.add_argument(
+        "--out", type=output_dir("card"), help="folder to write card.md, card.html, images to"
+    )
+    card.add_argument("--open", action="store_true", help="open card.html in a web browser")
+    card.set_defaults(handler=cmd_card)

@@ -55,6 +55,7 @@ from iagn.registry import (
     LOCK_STALE_AFTER_S,
     LOCK_TIMEOUT_S,
     TAG_CHECKPOINT,
+    TAG_COMPARED,
     TAG_EVAL_DIGEST,
     TAG_EVAL_SPLIT,
     TAG_KIND,
@@ -351,7 +352,9 @@ def _alias_version(client, name: str, alias: str) -> str | None:
     return None if number is None else str(number)
 
 
-def _decide_and_record(client, name: str, version: str, promote: Promote, outcome: Outcome):
+def _decide_and_record(
+    client, name: str, version: str, promote: Promote, outcome: Outcome, may_promote: bool
+):
     """Under the lock: compare with the champion, move the aliases, record the decision."""
     # Both sides read back from the registry: the same tags, the same precision.
     ours = client.get_model_version(name, version).tags or {}
@@ -371,10 +374,14 @@ def _decide_and_record(client, name: str, version: str, promote: Promote, outcom
             outcome.compared_with,
             promote,
         )
+        if promoted and not may_promote:
+            promoted, reason = False, f"{CHALLENGER} only (a sweep's winner); it would be: {reason}"
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
     # Recorded after the aliases: a "pending" tag means the aliases may not be set yet.
     decision = f"{'promoted' if promoted else 'not promoted'}: {reason}"
+    if outcome.compared_with is not None:
+        client.set_model_version_tag(name, version, TAG_COMPARED, outcome.compared_with)
     client.set_model_version_tag(name, version, TAG_PROMOTION, decision)
     run = ours.get(TAG_PIPELINE_RUN)
     client.update_model_version(
@@ -384,9 +391,17 @@ def _decide_and_record(client, name: str, version: str, promote: Promote, outcom
 
 
 def register(
-    client, candidate: Candidate, config: RegisterConfig, pipeline_run_id: str | None
+    client,
+    candidate: Candidate,
+    config: RegisterConfig,
+    pipeline_run_id: str | None,
+    may_promote: bool = True,
 ) -> Outcome:
-    """Register a candidate that passed the gate; set `challenger` and maybe `champion`."""
+    """Register a candidate that passed the gate; set `challenger` and maybe `champion`.
+
+    `may_promote` False (a sweep's winner): `challenger` only; the decision records whether
+    the rules would have promoted it, for a person to move `champion`.
+    """
     name = config.registered_name(candidate.kind)
     outcome = Outcome(kind=candidate.kind, model_name=name, gate_passed=True)
     _ensure_registered_model(client, name)
@@ -424,5 +439,5 @@ def register(
                 model_id=candidate.model_id,
             )
             outcome.version = str(created.version)
-        _decide_and_record(client, name, outcome.version, config.promote, outcome)
+        _decide_and_record(client, name, outcome.version, config.promote, outcome, may_promote)
     return outcome

@@ -45,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from iagn.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from iagn.device import device_name
 from iagn.errors import IagnError, Preempted
 from iagn.evaluation.heads import accuracy_on
 from iagn.io import write_json_atomic
@@ -254,6 +255,8 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             "rng": rng_state(),
             "history": history,
             "complete": False,
+            # What trained it (the model card shows it): one process's device, times the world.
+            "trained_on": {"device": device_name(device), "processes": runtime.world_size},
         }
 
     with _StopOnSigterm() as stop:

@@ -1,0 +1,183 @@
+"""The model card `iagn register` writes for each version, against a real MLflow server:
+logged to the version's model, linked from its description, read back by `iagn models card`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+from helpers import run
+from mlflow_server import MODEL_NAME, mlflow_server, tracked_pipeline
+from test_registry import _candidate, use_pipeline_env
+
+from iagn import card, runner, tracking
+from iagn.card.document import Bullets, Image, Para, Table, to_html, to_markdown
+from iagn.card.sections import wilson_interval
+from iagn.io import sha256_file
+from iagn.registry import TAG_PROMOTION
+
+__all__ = ["mlflow_server", "tracked_pipeline"]  # fixtures used by the tests below
+
+CARD_MODEL = "iagn-card-test"
+LINK = re.compile(r"\[Model card\]\(#/experiments/(\d+)/models/(m-[0-9a-f]+)/artifacts\)")
+
+
+def _card_files(pipeline, name: str, version: str, tmp: Path) -> dict[str, bytes]:
+    """The card logged for a version, read back from MLflow with `iagn models card --out`."""
+    out = tmp / f"{name}-{version}"
+    pipeline.iagn("models", "card", f"{name}/{version}", "--out", str(out))
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_the_pipeline_registered_each_version_with_its_card(
+    mlflow_server, tracked_pipeline, tmp_path
+):
+    client = mlflow_server.client()
+    version = client.get_model_version(MODEL_NAME, "1")
+    model_id = version.source.removeprefix("models:/")
+    files = _card_files(tracked_pipeline, MODEL_NAME, "1", tmp_path)
+    assert {card.CARD_MARKDOWN, card.CARD_HTML, *card.IMAGES} <= set(files)
+    # Linked from the version's description, to its own logged model's page.
+    link = LINK.search(version.description)
+    assert link and link.group(2) == model_id
+    assert version.description.startswith("student from pipeline run")
+    assert client.get_logged_model(model_id).experiment_id == link.group(1)
+
+    text = files[card.CARD_MARKDOWN].decode()
+    metrics = json.loads(tracked_pipeline.path("build/eval/student/metrics.json").read_text())
+    assert text.startswith(f"# Model card: {MODEL_NAME} version 1 (student)")
+    assert version.tags[TAG_PROMOTION] in text
+    assert "There was no champion when this version was registered." in text
+    # Identity: the checkpoint file, the commit of the project it was trained in.
+    assert sha256_file(tracked_pipeline.path("build/student.pt")) in text
+    head = run(["git", "rev-parse", "HEAD"], cwd=tracked_pipeline.project).stdout.strip()
+    assert f"| git commit | `{head}` |" in text
+    # The served prediction's numbers, its interval, the per-class table, the pairs.
+    low, high = wilson_interval(metrics["top1"], metrics["images"])
+    assert f"top-1 {metrics['top1']:.3f} on {metrics['images']} test images" in text
+    assert f"(95% interval {low:.3f}–{high:.3f})" in text
+    assert text.startswith(f"# Model card: {MODEL_NAME} version 1 (student)\n\nA student: top-1")
+    for name in metrics["per_class_accuracy"]:
+        assert f"| {name} |" in text
+    for pair in metrics["confused_pairs"]:
+        assert f"`{pair['classes'][0]}` / `{pair['classes'][1]}`: {pair['errors']} errors" in text
+    assert f"chance {metrics['pointing_game_chance']:.3f}" in text
+    # The pipeline's own data validation, read from its validate run.
+    assert "validation; warnings:" in text and "`no_leakage`" in text
+    assert "## Limits" in text and "One training seed" in text
+    # The HTML is one file: every image inlined, nothing fetched.
+    page = files[card.CARD_HTML].decode()
+    assert page.count('src="data:image/png;base64,') == len(card.IMAGES)
+    assert re.findall(r'src="(?!data:)', page) == []
+    # The teacher got its own card.
+    teacher = _card_files(tracked_pipeline, f"{MODEL_NAME}-teacher", "1", tmp_path)
+    teacher = teacher[card.CARD_MARKDOWN].decode()
+    assert teacher.startswith(f"# Model card: {MODEL_NAME}-teacher version 1 (teacher)")
+    assert "distillation" not in teacher
+
+
+def test_a_later_version_shows_the_champion_beside_it_and_the_spread_over_seeds(
+    mlflow_server, tracked_pipeline, tmp_path, monkeypatch
+):
+    use_pipeline_env(tracked_pipeline, monkeypatch)
+    client = mlflow_server.client()
+    params = json.loads(json.dumps(tracked_pipeline.params))
+    params["register"].update(model_name=CARD_MODEL, register_teacher=False)
+    # The pipeline's student first: the champion of its own registered model.
+    monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "card-first")
+    first = tracked_pipeline.path("build/student.pt")
+    (champion,) = runner.register(first, tracked_pipeline.path("build/eval/student"), params)[
+        "outcomes"
+    ]
+    assert champion["champion"] and champion["card"] is None  # no --out: nothing kept here
+
+    # Another model of the same recipe (other weights, as another seed gives), really
+    # evaluated: a second point for the spread.
+    path, _ = _candidate(tracked_pipeline, tmp_path, "second-seed")
+    out = tmp_path / "second-eval"
+    tracked_pipeline.iagn(
+        "evaluate",
+        "--model",
+        str(path),
+        "--data",
+        str(tracked_pipeline.data),
+        "--out",
+        str(out),
+        "--params",
+        "params.yaml",
+        "--quiet",
+    )
+    monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "card-second")
+    result = runner.register(path, out, params, out=tmp_path / "register")
+    (outcome,) = result["outcomes"]
+    local = Path(outcome["card"])
+    assert local == tmp_path / "register" / "card-student" / card.CARD_HTML and local.is_file()
+    files = _card_files(tracked_pipeline, CARD_MODEL, outcome["version"], tmp_path)
+    assert files[card.CARD_HTML] == local.read_bytes()
+    text = files[card.CARD_MARKDOWN].decode()
+
+    ours = json.loads((out / "metrics.json").read_text())
+    theirs = json.loads(tracked_pipeline.path("build/eval/student/metrics.json").read_text())
+    assert f"## Compared with the champion (version {champion['version']})" in text
+    decision = client.get_model_version(CARD_MODEL, outcome["version"]).tags[TAG_PROMOTION]
+    assert f"At registration, against the champion then: {decision}" in text
+    difference = ours["top1"] - theirs["top1"]
+    row = f"| `top1` | {ours['top1']:.4g} | {theirs['top1']:.4g} | {difference:+.4g} |"
+    assert row in text and "decides (must beat)" in text
+    mean = statistics.fmean([ours["top1"], theirs["top1"]])
+    assert f"| `top1` | {ours['top1']:.4g} | {mean:.4g} |" in text
+    assert "The spread is over 2 models of this recipe" in text
+    # Registered outside the pipeline run that validated the data: the card says so.
+    assert "No validation run was recorded under this version's pipeline run." in text
+
+    # Registering again: the same version, its link replaced, not added twice.
+    runner.register(path, out, params, out=tmp_path / "register")
+    description = client.get_model_version(CARD_MODEL, outcome["version"]).description
+    assert len(LINK.findall(description)) == 1
+
+
+def test_models_card_prints_writes_and_explains(mlflow_server, tracked_pipeline, tmp_path):
+    shown = tracked_pipeline.iagn("models", "card", f"{MODEL_NAME}/1")
+    assert shown.stdout.startswith(f"# Model card: {MODEL_NAME} version 1 (student)")
+    written = tracked_pipeline.iagn(
+        "models", "card", f"{MODEL_NAME}-teacher@champion", "--out", str(tmp_path / "cards")
+    )
+    folder = tmp_path / "cards"
+    assert str(folder / card.CARD_HTML) in written.stdout
+    assert {p.name for p in folder.iterdir()} >= {card.CARD_HTML, card.CARD_MARKDOWN}
+
+    missing = tracked_pipeline.iagn("models", "card", f"{MODEL_NAME}@nobody", check=False)
+    assert missing.returncode == 2
+    assert f"{MODEL_NAME} has no version with the alias nobody" in missing.stderr
+    bad = tracked_pipeline.iagn("models", "card", MODEL_NAME, check=False)
+    assert bad.returncode == 2 and "write NAME@ALIAS (iagn@champion) or NAME/VERSION" in bad.stderr
+
+
+def test_the_document_renders_the_same_blocks_to_markdown_and_escaped_html(tmp_path):
+    image = tmp_path / "plot.png"
+    shutil.copyfile(Path(__file__).parents[1] / "docs" / "synth_samples.png", image)
+    blocks = [
+        Para("a <b> & `code`"),
+        Table(("class", "top-1"), [("a|b", 0.123456), ("none", None)]),
+        Bullets(["one"]),
+        Image(image, "a plot"),
+    ]
+    markdown = to_markdown(blocks)
+    assert "| a\\|b | 0.1235 |" in markdown and "| none | – |" in markdown
+    assert "![a plot](plot.png)" in markdown
+    page = to_html(blocks, "t")
+    assert "<p>a &lt;b&gt; &amp; <code>code</code></p>" in page
+    assert "<td>a|b</td><td>0.1235</td>" in page
+    assert page.count("data:image/png;base64,") == 1
+
+
+@pytest.mark.parametrize(
+    ("p", "n", "low", "high"), [(0.5, 100, 0.4038, 0.5962), (1.0, 20, 0.8389, 1.0)]
+)
+def test_wilson_interval(p, n, low, high):
+    found = wilson_interval(p, n)
+    assert found == pytest.approx((low, high), abs=1e-4)
