@@ -1,7 +1,7 @@
 """register: the student (and, if configured, the teacher) into the MLflow Model Registry."""
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Markdown, Model, Output
+from kfp.dsl import HTML, Artifact, Input, Markdown, Model, Output
 
 from components.image import IMAGE
 
@@ -18,6 +18,7 @@ def register(
     model_name: str,
     decision: Output[Markdown],
     result: Output[Artifact],
+    card: Output[HTML],
     may_promote: bool = True,
 ) -> str:
     """Register the evaluated models with aliases challenger / champion (iagn.runner.register).
@@ -34,12 +35,15 @@ def register(
         experiment: MLflow experiment ("" = $MLFLOW_EXPERIMENT_NAME, else iagn).
         model_name: Registered model name ("" = register.model_name of params.yaml).
         decision: What was registered, with aliases and why.
-        result: register.json (the decision per model).
+        result: register.json (the decision per model) and each version's model card.
+        card: The registered student's model card (also logged to its MLflow model).
         may_promote: False registers `challenger` only (a sweep's winner).
 
     Returns:
         The student's model URI, models:/<name>/<version>.
     """
+    import shutil
+
     from components.runtime import (
         StepFailed,
         configure_step,
@@ -64,6 +68,10 @@ def register(
         )
         write_text(decision.path, register_markdown(outcome))
         first = outcome["outcomes"][0]
+        if first.get("card"):
+            shutil.copyfile(first["card"], card.path)
+        else:
+            write_text(card.path, "<p>The student was not registered: no model card.</p>\n")
         if not outcome["passed"]:
             raise StepFailed("the student failed the gate: " + "; ".join(first["gate_failures"]))
     uri = f"models:/{first['model_name']}/{first['version']}"

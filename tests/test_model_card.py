@@ -4,12 +4,15 @@ logged to the version's model, linked from its description, read back by `iagn m
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT
 from helpers import run
 from mlflow_server import MODEL_NAME, mlflow_server, tracked_pipeline
 from test_registry import _candidate, use_pipeline_env
@@ -80,45 +83,65 @@ def test_the_pipeline_registered_each_version_with_its_card(
     assert "distillation" not in teacher
 
 
-def test_a_later_version_shows_the_champion_beside_it_and_the_spread_over_seeds(
-    mlflow_server, tracked_pipeline, tmp_path, monkeypatch
-):
-    use_pipeline_env(tracked_pipeline, monkeypatch)
-    client = mlflow_server.client()
+@dataclass
+class TwoVersions:
+    """CARD_MODEL version 1 (the pipeline's student, champion) and version 2 (another model
+    of the same recipe, really evaluated, registered after it)."""
+
+    champion: dict
+    second: dict
+    second_eval: Path
+    register_out: Path
+    params: dict
+
+
+@pytest.fixture(scope="module")
+def two_versions(mlflow_server, tracked_pipeline, tmp_path_factory) -> TwoVersions:
+    tmp = tmp_path_factory.mktemp("card-versions")
     params = json.loads(json.dumps(tracked_pipeline.params))
     params["register"].update(model_name=CARD_MODEL, register_teacher=False)
-    # The pipeline's student first: the champion of its own registered model.
-    monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "card-first")
-    first = tracked_pipeline.path("build/student.pt")
-    (champion,) = runner.register(first, tracked_pipeline.path("build/eval/student"), params)[
-        "outcomes"
-    ]
-    assert champion["champion"] and champion["card"] is None  # no --out: nothing kept here
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_pipeline_env(tracked_pipeline, monkeypatch)
+        monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "card-first")
+        student = tracked_pipeline.path("build/student.pt")
+        evaluation = tracked_pipeline.path("build/eval/student")
+        (champion,) = runner.register(student, evaluation, params)["outcomes"]
+        # Other weights, as another seed gives, evaluated for real: a second point for the
+        # spread of this recipe.
+        path, _ = _candidate(tracked_pipeline, tmp, "second-seed")
+        second_eval = tmp / "second-eval"
+        tracked_pipeline.iagn(
+            "evaluate",
+            "--model",
+            str(path),
+            "--data",
+            str(tracked_pipeline.data),
+            "--out",
+            str(second_eval),
+            "--params",
+            "params.yaml",
+            "--quiet",
+        )
+        monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "card-second")
+        (second,) = runner.register(path, second_eval, params, out=tmp / "register")["outcomes"]
+        # Registering again: the same version, its card written again.
+        (again,) = runner.register(path, second_eval, params, out=tmp / "register")["outcomes"]
+        assert again["version"] == second["version"] and again["already_registered"]
+    return TwoVersions(champion, second, second_eval, tmp / "register", params)
 
-    # Another model of the same recipe (other weights, as another seed gives), really
-    # evaluated: a second point for the spread.
-    path, _ = _candidate(tracked_pipeline, tmp_path, "second-seed")
-    out = tmp_path / "second-eval"
-    tracked_pipeline.iagn(
-        "evaluate",
-        "--model",
-        str(path),
-        "--data",
-        str(tracked_pipeline.data),
-        "--out",
-        str(out),
-        "--params",
-        "params.yaml",
-        "--quiet",
-    )
-    monkeypatch.setenv(tracking.ENV_PIPELINE_RUN, "card-second")
-    result = runner.register(path, out, params, out=tmp_path / "register")
-    (outcome,) = result["outcomes"]
+
+def test_a_later_version_shows_the_champion_beside_it_and_the_spread_over_seeds(
+    mlflow_server, tracked_pipeline, two_versions, tmp_path
+):
+    client = mlflow_server.client()
+    champion, outcome = two_versions.champion, two_versions.second
+    assert champion["champion"] and champion["card"] is None  # no --out: nothing kept here
     local = Path(outcome["card"])
-    assert local == tmp_path / "register" / "card-student" / card.CARD_HTML and local.is_file()
+    assert local == two_versions.register_out / "card-student" / card.CARD_HTML
     files = _card_files(tracked_pipeline, CARD_MODEL, outcome["version"], tmp_path)
     assert files[card.CARD_HTML] == local.read_bytes()
     text = files[card.CARD_MARKDOWN].decode()
+    out = two_versions.second_eval
 
     ours = json.loads((out / "metrics.json").read_text())
     theirs = json.loads(tracked_pipeline.path("build/eval/student/metrics.json").read_text())
@@ -134,8 +157,7 @@ def test_a_later_version_shows_the_champion_beside_it_and_the_spread_over_seeds(
     # Registered outside the pipeline run that validated the data: the card says so.
     assert "No validation run was recorded under this version's pipeline run." in text
 
-    # Registering again: the same version, its link replaced, not added twice.
-    runner.register(path, out, params, out=tmp_path / "register")
+    # Registered twice: its link replaced, not added twice.
     description = client.get_model_version(CARD_MODEL, outcome["version"]).description
     assert len(LINK.findall(description)) == 1
 
@@ -181,3 +203,55 @@ def test_the_document_renders_the_same_blocks_to_markdown_and_escaped_html(tmp_p
 def test_wilson_interval(p, n, low, high):
     found = wilson_interval(p, n)
     assert found == pytest.approx((low, high), abs=1e-4)
+
+
+# Set to a path to keep the screenshot of the card in the MLflow UI; the README's picture:
+# IAGN_CARD_SCREENSHOT=docs/mlflow_model_card.png pytest tests/test_model_card.py -k ui
+CARD_SCREENSHOT_ENV = "IAGN_CARD_SCREENSHOT"
+
+
+def test_the_registry_ui_shows_champion_and_challenger_and_opens_the_card(
+    mlflow_server, two_versions, tmp_path
+):
+    from playwright.sync_api import expect, sync_playwright
+    from test_mlflow_ui import CHROMIUM, CHROMIUM_FLAGS
+
+    assert CHROMIUM.exists(), "install Chromium: apt-get install -y chromium chromium-driver"
+    champion, challenger = two_versions.champion["version"], two_versions.second["version"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            context = browser.new_context(viewport={"width": 1500, "height": 1300})
+            page = context.new_page()
+            page.goto(f"{mlflow_server.url}/#/models/{CARD_MODEL}")
+            rows = page.get_by_role("row")
+            expect(rows.filter(has_text=f"Version {champion}")).to_contain_text("champion")
+            expect(rows.filter(has_text=f"Version {challenger}")).to_contain_text("challenger")
+
+            page.goto(f"{mlflow_server.url}/#/models/{CARD_MODEL}/versions/{challenger}")
+            link = page.get_by_role("link", name="Model card")
+            expect(link).to_be_visible(timeout=60_000)
+            with context.expect_page() as opened:  # the description's links open a new tab
+                link.click()
+            card_page = opened.value
+            for name in (card.CARD_DIR, CARD_MODEL, challenger, card.CARD_HTML):
+                card_page.get_by_text(name, exact=True).first.click()
+            shown = card_page.frame_locator("iframe.mlflow-html-iframe").locator("body")
+            title = f"Model card: {CARD_MODEL} version {challenger} (student)"
+            expect(shown).to_contain_text(title, timeout=30_000)
+            expect(shown).to_contain_text(f"Compared with the champion (version {champion})")
+            close = card_page.get_by_role("button", name="Close")  # the assistant's panel
+            if close.count():
+                close.first.click()
+            shot = tmp_path / "card.png"
+            card_page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+    keep = os.environ.get(CARD_SCREENSHOT_ENV)
+    if keep:
+        target = REPO_ROOT / keep
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, target)
