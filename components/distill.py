@@ -27,18 +27,26 @@ def distill(
         student: The student checkpoint.
         metrics: The last epoch's loss and validation accuracy.
     """
-    from components.runtime import configure_step, log_metrics, readable_errors, step_params
+    from components.runtime import (
+        configure_step,
+        log_metrics,
+        readable_errors,
+        step_params,
+        sweep_metadata,
+    )
     from iagn import runner
 
     with readable_errors():
         configure_step(tracking_uri, experiment, dataset.metadata)
+        settings = step_params(params.path, None)
         result = runner.distill(
             teacher=teacher.path,
             data=dataset.path,
-            params=step_params(params.path, None),
+            params=settings,
             out=student.path,
             quiet=False,  # an epoch line per epoch in the task's log: progress in the KFP UI
         )
     log_metrics(metrics, result["metrics"])
     student.metadata.update({"framework": "pytorch", "kind": "student"})
+    student.metadata.update(sweep_metadata(settings))  # a sweep's trial: pick-best pairs by it
     print(f"student: val accuracy {result['metrics'].get('val_acc', float('nan')):.3f}")

@@ -22,7 +22,7 @@ def evaluate(
     report: Output[HTML],
     summary: Output[Markdown],
 ) -> str:
-    """Evaluate a checkpoint on the test split and check it against the registry gate.
+    """Evaluate a checkpoint (evaluate.split: test; a sweep's trials: val) and gate it.
 
     Args:
         model: A teacher (stage 3) or student checkpoint.
@@ -46,18 +46,24 @@ def evaluate(
         log_metrics,
         readable_errors,
         step_params,
+        sweep_metadata,
         write_text,
     )
     from iagn import runner
+    from iagn.steps.pick_best import trial_metrics
     from iagn.steps.register import gate_failures, register_config
+    from iagn.tracking.trial import log_trial_metrics
 
     with readable_errors():
         configure_step(tracking_uri, experiment, dataset.metadata)
         settings = step_params(params.path, None)
         values = runner.evaluate(model.path, dataset.path, settings, evaluation.path, quiet=True)
         failures = gate_failures(values, register_config(settings).gate)
+        if values["kind"] == "student":  # a sweep's trial: its val numbers on the trial run
+            log_trial_metrics(settings, trial_metrics(values))
     log_metrics(metrics, values)
     evaluation.metadata.update({"kind": values["kind"], "split": values["split"]})
+    evaluation.metadata.update(sweep_metadata(settings))
     write_text(report.path, evaluation_html(values, evaluation.path, key_metrics()))
     write_text(summary.path, evaluation_markdown(values, failures))
     verdict = "failed" if failures else "passed"

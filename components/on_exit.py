@@ -10,10 +10,10 @@ def record_outcome(status: dsl.PipelineTaskFinalStatus, tracking_uri: str, exper
     """Runs after every other task; ends the MLflow parent run with the pipeline's outcome.
 
     The parent ends FINISHED when the steps succeeded, FAILED when one failed (KILLED when
-    the run was cancelled), with KFP's task name and message as tags. A parent a failed
-    step already marked FAILED stays FAILED. This is the only place a KFP pipeline's parent
-    is set FINISHED (iagn/tracking/parent.py); an MLflow error fails this task, so its
-    retries try again.
+    the run was cancelled), with KFP's task name and message as tags; a sweep's trial runs
+    still RUNNING then end so too. A parent a failed step already marked FAILED stays
+    FAILED. This is the only place a KFP pipeline's parent is set FINISHED
+    (iagn/tracking/parent.py); an MLflow error fails this task, so its retries try again.
 
     Args:
         status: The final status of the pipeline's steps (filled in by KFP).
@@ -28,6 +28,7 @@ def record_outcome(status: dsl.PipelineTaskFinalStatus, tracking_uri: str, exper
 
     from components.runtime import configure_step, readable_errors
     from iagn.tracking import end_pipeline
+    from iagn.tracking.trial import end_open_trials
 
     with readable_errors():
         configure_step(tracking_uri, experiment)
@@ -40,6 +41,7 @@ def record_outcome(status: dsl.PipelineTaskFinalStatus, tracking_uri: str, exper
                 summary += f": {status.error_message}"
             ended = "KILLED" if status.state == "CANCELLED" else "FAILED"
             parent = end_pipeline(ended, summary, status.pipeline_task_name)
+            end_open_trials(ended)  # a sweep's trial runs that did not end with a step
         run_id = parent.get("run_id", "(none)")
         print(f"{summary}; MLflow parent run {run_id}: {parent.get('status', 'no parent')}")
     return json.dumps(parent)

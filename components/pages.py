@@ -70,3 +70,30 @@ def validation_html(document: Mapping[str, Any]) -> str:
         dataset=document.get("dataset", {}),
         expectations=document.get("expectations", []),
     )
+
+
+def sweep_html(summary: Mapping[str, Any], plot: str | os.PathLike) -> str:
+    """A sweep's trials (overrides, validation numbers) and the plot, the best marked."""
+    keys = list(summary.get("keys", []))
+    trials = summary.get("trials", [])
+    metrics = list(dict.fromkeys(name for t in trials for name in t.get("metrics", {})))
+    rows = [
+        {
+            "trial": t["trial"],
+            "values": [t["overrides"].get(key, "") for key in keys]
+            + [t["metrics"].get(name, "") for name in metrics],
+            "best": t["trial"] == summary.get("best_trial"),
+        }
+        for t in trials
+    ]
+    path = Path(plot)
+    image = base64.b64encode(path.read_bytes()).decode("ascii") if path.is_file() else ""
+    return render(
+        "sweep.html.j2",
+        sweep_id=str(summary.get("sweep_id", "")),
+        best=str(summary.get("best_trial", "")),
+        metric=str(summary.get("metric", "")),
+        columns=keys + metrics,
+        rows=rows,
+        image=image,
+    )

@@ -56,6 +56,32 @@ def step_params(
     return params
 
 
+def sweep_metadata(params: Mapping[str, Any]) -> dict[str, str]:
+    """A sweep trial's id, for the metadata of what the trial makes: pick-best pairs the
+    trials' collected outputs by it (their order in a `dsl.Collected` list is not promised)."""
+    section = params.get("sweep") or {}
+    return {"sweep_trial": str(section["trial"])} if section.get("trial") else {}
+
+
+def by_trial(artifacts: list, what: str, order: list[str] | None = None) -> dict[str, Any]:
+    """Collected artifacts of a sweep's trials by trial id (`sweep_metadata`), in `order`
+    (else sorted); an artifact without the id takes its position in `order`."""
+    found: dict[str, Any] = {}
+    for index, artifact in enumerate(artifacts):
+        trial = (artifact.metadata or {}).get("sweep_trial")
+        if not trial and order is not None and index < len(order):
+            trial = order[index]
+        if not trial:
+            raise StepFailed(f"{what}: output {index} of the trials names no trial")
+        if trial in found:
+            raise StepFailed(f"{what}: two outputs of trial {trial}")
+        found[trial] = artifact
+    expected = order if order is not None else sorted(found)
+    if set(found) != set(expected):
+        raise StepFailed(f"{what}: outputs of trials {sorted(found)}, expected {expected}")
+    return {trial: found[trial] for trial in expected}
+
+
 # --- environment: tracking and the pipeline run ---------------------------------------------
 
 

@@ -29,19 +29,27 @@ def train_stage(
         metrics: The last epoch's loss and validation accuracies.
         init: The checkpoint of stage `stage - 1` (none for stage 1).
     """
-    from components.runtime import configure_step, log_metrics, readable_errors, step_params
+    from components.runtime import (
+        configure_step,
+        log_metrics,
+        readable_errors,
+        step_params,
+        sweep_metadata,
+    )
     from iagn import runner
 
     with readable_errors():
         configure_step(tracking_uri, experiment, dataset.metadata)
+        settings = step_params(params.path, None)
         result = runner.train_stage(
             stage=stage,
             data=dataset.path,
-            params=step_params(params.path, None),
+            params=settings,
             out=model.path,
             init=init.path if init is not None else None,
             quiet=False,  # an epoch line per epoch in the task's log: progress in the KFP UI
         )
     log_metrics(metrics, result["metrics"])
     model.metadata.update({"framework": "pytorch", "kind": "teacher", "stage": stage})
+    model.metadata.update(sweep_metadata(settings))  # a sweep's trial: pick-best pairs by it
     print(f"stage {stage}: val accuracy {result['metrics'].get('val_acc', float('nan')):.3f}")

@@ -22,6 +22,8 @@ run's MLflow parent; a label rather than a task input, so that the run id does n
 KFP's cache keys and an unchanged step is reused across runs.
 """
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,25 +127,20 @@ def _placement(
     return task
 
 
-def _steps(options: CompileOptions, p: dict[str, Any]) -> None:
-    """The DAG; `p` holds the pipeline's parameters (channels)."""
-    from kfp import dsl
+class Tasks:
+    """What every task of a DAG gets, for the pipeline's parameters `p` (channels): the
+    cluster settings, the GPU steps' placement, retries, and the MLflow inputs."""
 
-    from components.distill import distill
-    from components.evaluate import evaluate
-    from components.fetch_data import fetch_data, resolve_data_revision
-    from components.on_exit import record_outcome
-    from components.register import register
-    from components.train_stage import train_stage
-    from components.validate import validate
+    def __init__(self, options: CompileOptions, p: dict[str, Any]) -> None:
+        self.options = options
+        self.p = p
+        self.tracking = {"tracking_uri": p["tracking_uri"], "experiment": p["experiment"]}
 
-    image = p["image"]
-    tracking = {"tracking_uri": p["tracking_uri"], "experiment": p["experiment"]}
+    def settings(self, task: PipelineTask, name: str, cache: bool = True) -> PipelineTask:
+        return _cluster_settings(task, self.options, name, cache, self.p["image"])
 
-    def settings(task: PipelineTask, name: str, cache: bool = True) -> PipelineTask:
-        return _cluster_settings(task, options, name, cache, image)
-
-    def place(task: PipelineTask) -> PipelineTask:
+    def place(self, task: PipelineTask) -> PipelineTask:
+        p = self.p
         return _placement(
             task,
             p["node_selector"],
@@ -152,125 +149,170 @@ def _steps(options: CompileOptions, p: dict[str, Any]) -> None:
             p.get("gpu_count"),
         )
 
-    on_exit = settings(record_outcome(**tracking), "record outcome in MLflow", cache=False)
-    _retry(on_exit, options, REGISTER_RETRIES)
-    with dsl.ExitHandler(on_exit, name="iagn-steps"):
-        revision = resolve_data_revision(data_repo=p["data_repo"], data_rev=p["data_rev"])
-        # Never cached: a branch moves; fetch-data below is keyed on the commit instead.
-        _retry(settings(revision, "resolve data revision", cache=False), options, FETCH_RETRIES)
-        fetch = fetch_data(
-            data_repo=p["data_repo"],
-            revision=revision.output,
-            params_overrides=p["params_overrides"],
+    def retry(self, task: PipelineTask, retries: int) -> PipelineTask:
+        return _retry(task, self.options, retries)
+
+    def exit_handler(self):
+        """The steps' group: when it ends, the exit task ends the MLflow parent run."""
+        from kfp import dsl
+
+        from components.on_exit import record_outcome
+
+        on_exit = self.settings(
+            record_outcome(**self.tracking), "record outcome in MLflow", cache=False
         )
-        _retry(settings(fetch, "fetch data (DVC)"), options, FETCH_RETRIES)
-        data = {"dataset": fetch.outputs["dataset"], "params": fetch.outputs["params"]}
-
-        check = settings(validate(**data, **tracking), "validate data")
-        init = None
-        stages = []
-        for stage in (1, 2, 3):
-            previous = {} if init is None else {"init": init}  # stage 1 starts from scratch
-            task = train_stage(stage=stage, **data, **tracking, **previous)
-            if stage == 1:
-                task.after(check)  # the validation verdict gates training
-            place(settings(task, f"train stage {stage}"))
-            init = task.outputs["model"]
-            stages.append(task)
-        teacher = stages[-1].outputs["model"]
-        student = place(settings(distill(teacher=teacher, **data, **tracking), "distill student"))
-        teacher_eval = settings(
-            evaluate(model=teacher, **data, **tracking), "evaluate teacher (stage 3)"
-        )
-        student_eval = settings(
-            evaluate(model=student.outputs["student"], **data, **tracking), "evaluate student"
-        )
-        with dsl.If(student_eval.outputs["Output"] == "passed", name="registry-gate"):
-            registered = register(
-                student=student.outputs["student"],
-                student_evaluation=student_eval.outputs["evaluation"],
-                teacher=teacher,
-                teacher_evaluation=teacher_eval.outputs["evaluation"],
-                params=fetch.outputs["params"],
-                model_name=p["model_name"],
-                **tracking,
-            )
-            # Never cached: the registry's state (the current champion) is an input too.
-            _retry(settings(registered, "register model", cache=False), options, REGISTER_RETRIES)
+        self.retry(on_exit, REGISTER_RETRIES)
+        return dsl.ExitHandler(on_exit, name="iagn-steps")
 
 
-def build_pipeline(options: CompileOptions | None = None):
-    """The pipeline (a KFP GraphComponent) for these compile-time options.
+def fetch_and_validate(t: Tasks) -> tuple[PipelineTask, dict[str, Any], PipelineTask]:
+    """resolve revision -> fetch data (DVC) -> validate: (fetch, its outputs, validate)."""
+    from components.fetch_data import fetch_data, resolve_data_revision
+    from components.validate import validate
 
-    No `from __future__ import annotations` in this module: KFP reads the parameter types
-    from the pipeline function's annotations, which must be types, not strings.
-    """
+    p = t.p
+    revision = resolve_data_revision(data_repo=p["data_repo"], data_rev=p["data_rev"])
+    # Never cached: a branch moves; fetch-data below is keyed on the commit instead.
+    t.retry(t.settings(revision, "resolve data revision", cache=False), FETCH_RETRIES)
+    fetch = fetch_data(
+        data_repo=p["data_repo"], revision=revision.output, params_overrides=p["params_overrides"]
+    )
+    t.retry(t.settings(fetch, "fetch data (DVC)"), FETCH_RETRIES)
+    data = {"dataset": fetch.outputs["dataset"], "params": fetch.outputs["params"]}
+    check = t.settings(validate(**data, **t.tracking), "validate data")
+    return fetch, data, check
+
+
+def train_and_distill(
+    t: Tasks, data: dict[str, Any], check: PipelineTask
+) -> tuple[Any, PipelineTask]:
+    """Stages 1 -> 2 -> 3 (stage 1 waits for the validation verdict), then distill:
+    (the teacher, the distill task)."""
+    from components.distill import distill
+    from components.train_stage import train_stage
+
+    init = None
+    for stage in (1, 2, 3):
+        previous = {} if init is None else {"init": init}  # stage 1 starts from scratch
+        task = train_stage(stage=stage, **data, **t.tracking, **previous)
+        if stage == 1:
+            task.after(check)  # the validation verdict gates training
+        t.place(t.settings(task, f"train stage {stage}"))
+        init = task.outputs["model"]
+    student = t.place(t.settings(distill(teacher=init, **data, **t.tracking), "distill student"))
+    return init, student
+
+
+def judge_and_register(
+    t: Tasks, teacher: Any, student: Any, data: dict[str, Any], may_promote: bool = True
+) -> None:
+    """Evaluate teacher and student, then [gate: the student passes] register."""
     from kfp import dsl
 
+    from components.evaluate import evaluate
+    from components.register import register
+
+    teacher_eval = t.settings(
+        evaluate(model=teacher, **data, **t.tracking), "evaluate teacher (stage 3)"
+    )
+    student_eval = t.settings(evaluate(model=student, **data, **t.tracking), "evaluate student")
+    # Only a sweep says may_promote (False): the main pipeline's spec stays as it was.
+    promote = {} if may_promote else {"may_promote": False}
+    with dsl.If(student_eval.outputs["Output"] == "passed", name="registry-gate"):
+        registered = register(
+            student=student,
+            student_evaluation=student_eval.outputs["evaluation"],
+            teacher=teacher,
+            teacher_evaluation=teacher_eval.outputs["evaluation"],
+            params=data["params"],
+            model_name=t.p["model_name"],
+            **promote,
+            **t.tracking,
+        )
+        # Never cached: the registry's state (the current champion) is an input too.
+        t.retry(t.settings(registered, "register model", cache=False), REGISTER_RETRIES)
+
+
+def _steps(options: CompileOptions, p: dict[str, Any]) -> None:
+    """The DAG; `p` holds the pipeline's parameters (channels)."""
+    t = Tasks(options, p)
+    with t.exit_handler():
+        _, data, check = fetch_and_validate(t)
+        teacher, student = train_and_distill(t, data, check)
+        judge_and_register(t, teacher, student.outputs["student"], data)
+
+
+def pipeline_parameters(options: CompileOptions | None = None) -> list[tuple[str, type, Any]]:
+    """The pipeline's parameters as (name, type, default) for these compile-time options."""
     from components.image import IMAGE
 
     options = options or CompileOptions()
-    image_default = options.image or IMAGE
-    tolerations_default = options.resolved_tolerations()
-    node_selector_default = dict(options.node_selector)
+    parameters = [
+        ("data_repo", str, options.data_repo),
+        ("data_rev", str, options.data_rev),
+        ("params_overrides", dict, {}),
+        ("tracking_uri", str, options.tracking_uri),
+        ("experiment", str, options.experiment),
+        ("model_name", str, ""),
+        ("image", str, options.image or IMAGE),
+        ("node_selector", dict, dict(options.node_selector)),
+        ("tolerations", list, options.resolved_tolerations()),
+    ]
+    if options.gpu:
+        parameters += [
+            ("accelerator_type", str, options.accelerator),
+            ("gpu_count", int, options.gpus),
+        ]
+    return parameters
+
+
+def make_pipeline(
+    name: str,
+    description: str,
+    parameters: list[tuple[str, type, Any]],
+    body: Callable[[dict[str, Any]], None],
+):
+    """A KFP pipeline (GraphComponent) with `parameters`, whose DAG `body(p)` builds from
+    the parameters' channels `p` (by name).
+
+    KFP reads a pipeline's parameters from its function's signature, so the function gets
+    one made from `parameters` (types, not strings: the annotations must be real types).
+    """
+    from kfp import dsl
+
+    names = [parameter for parameter, _, _ in parameters]
+
+    def pipeline_function(*channels):
+        body(dict(zip(names, channels, strict=True)))
+
+    pipeline_function.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d, annotation=k)
+            for n, k, d in parameters
+        ]
+    )
+    pipeline_function.__name__ = name.replace("-", "_") + "_pipeline"
+    return dsl.pipeline(name=name, description=description)(pipeline_function)
+
+
+def build_pipeline(options: CompileOptions | None = None):
+    """The pipeline (a KFP GraphComponent) for these compile-time options."""
+    options = options or CompileOptions()
     description = (
         "IAGN: fetch data (DVC), validate, train stages 1-3, distill, evaluate, gate, register "
         "(MLflow)" + (f"; GPU steps request {options.accelerator}" if options.gpu else "")
     )
-
-    if options.gpu:
-
-        @dsl.pipeline(name=PIPELINE_NAME, description=description)
-        def iagn_pipeline(
-            data_repo: str = options.data_repo,
-            data_rev: str = options.data_rev,
-            params_overrides: dict = {},  # noqa: B006 - KFP reads defaults from the signature
-            tracking_uri: str = options.tracking_uri,
-            experiment: str = options.experiment,
-            model_name: str = "",
-            image: str = image_default,
-            node_selector: dict = node_selector_default,
-            tolerations: list = tolerations_default,
-            accelerator_type: str = options.accelerator,
-            gpu_count: int = options.gpus,
-        ):
-            _steps(options, locals())
-
-    else:
-
-        @dsl.pipeline(name=PIPELINE_NAME, description=description)
-        def iagn_pipeline(
-            data_repo: str = options.data_repo,
-            data_rev: str = options.data_rev,
-            params_overrides: dict = {},  # noqa: B006 - KFP reads defaults from the signature
-            tracking_uri: str = options.tracking_uri,
-            experiment: str = options.experiment,
-            model_name: str = "",
-            image: str = image_default,
-            node_selector: dict = node_selector_default,
-            tolerations: list = tolerations_default,
-        ):
-            _steps(options, locals())
-
-    return iagn_pipeline
+    return make_pipeline(
+        PIPELINE_NAME,
+        description,
+        pipeline_parameters(options),
+        lambda p: _steps(options, p),
+    )
 
 
 def parameter_names(options: CompileOptions | None = None) -> list[str]:
     """The pipeline's parameter names (what `--param name=value` may set besides params keys)."""
-    names = [
-        "data_repo",
-        "data_rev",
-        "params_overrides",
-        "tracking_uri",
-        "experiment",
-        "model_name",
-        "image",
-        "node_selector",
-        "tolerations",
-    ]
-    if options is not None and options.gpu:
-        names += ["accelerator_type", "gpu_count"]
-    return names
+    return [name for name, _, _ in pipeline_parameters(options)]
 
 
 def compile_pipeline(path: str, options: CompileOptions | None = None) -> str:

@@ -19,6 +19,7 @@ instead; what that takes is in pipeline/containers.py.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import json
@@ -30,6 +31,7 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -104,6 +106,35 @@ def task_names(pipeline_spec) -> dict[str, str]:
     return names
 
 
+def task_count(pipeline_spec, arguments: dict[str, Any]) -> int:
+    """How many task runs to expect: a ParallelFor's tasks once per item of its list
+    (a pipeline parameter, as given in `arguments` or by its default)."""
+    from google.protobuf import json_format
+
+    components = dict(pipeline_spec.components)
+    defaults = {
+        name: json_format.MessageToDict(spec.default_value)
+        for name, spec in pipeline_spec.root.input_definitions.parameters.items()
+    }
+
+    def items(task) -> int:
+        if not task.HasField("parameter_iterator"):
+            return 1
+        source = task.parameter_iterator.items.input_parameter.removeprefix("pipelinechannel--")
+        value = arguments.get(source, defaults.get(source))
+        return len(value) if isinstance(value, list) else 1
+
+    def walk(dag) -> int:
+        count = 0
+        for task in dag.tasks.values():
+            component = components[task.component_ref.name]
+            inner = walk(component.dag) if component.WhichOneof("implementation") == "dag" else 1
+            count += inner * items(task)
+        return count
+
+    return walk(pipeline_spec.root.dag)
+
+
 class RunLog(io.TextIOBase):
     """kfp.local's stdout and stderr during a run: all of it into the log file, and to the
     console a line as each task starts and ends (status, seconds), the training loop's
@@ -120,8 +151,9 @@ class RunLog(io.TextIOBase):
         self.verbose = verbose
         self.names: dict[str, str] = {}
         self._pending = ""
-        self._running: dict[str, float] = {}
-        self._task: str | None = None  # whose output the lines are
+        # Tasks running now, in the order they started: a sweep's trials run side by side,
+        # each with the same task names (kfp.local names no iteration in its lines).
+        self._running: list[tuple[str, float]] = []
         self._tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._input_end: str | None = None  # inside the executor input: its last line
         self._bar = None
@@ -160,15 +192,22 @@ class RunLog(io.TextIOBase):
 
     # --- the console ---
 
-    def watch(self, names: dict[str, str]) -> None:
-        """The tasks to expect; on a terminal, start the bar."""
+    @property
+    def _task(self) -> str | None:
+        """Whose output the lines are: the task started last of those running (with tasks
+        side by side, their lines interleave and cannot be told apart)."""
+        return self._running[-1][0] if self._running else None
+
+    def watch(self, names: dict[str, str], total: int | None = None) -> None:
+        """The tasks to expect (`total` task runs: a loop runs its tasks once per item); on
+        a terminal, start the bar."""
         self.names = names
         if self.verbose or not self.console.isatty():
             return
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=len(names),
+            total=total or len(names),
             file=self.console,
             unit="task",
             leave=False,
@@ -195,7 +234,7 @@ class RunLog(io.TextIOBase):
 
     def _show_running(self, bar) -> None:
         now = time.monotonic()
-        running = list(self._running.items())
+        running = list(self._running)
         bar.set_postfix_str(", ".join(f"{task} {now - t:.0f} s" for task, t in running))
 
     def say(self, text: str) -> None:
@@ -218,20 +257,25 @@ class RunLog(io.TextIOBase):
             self._output(line.removeprefix("    ").rsplit("\r", 1)[-1].rstrip())
 
     def _started(self, task: str) -> None:
-        self._task = task
-        self._running[task] = time.monotonic()
-        self._tail.clear()
+        if not self._running:
+            self._tail.clear()
+        self._running.append((task, time.monotonic()))
         self._input_end = None
         self.say(f"  {'started':<8} {task:<22} {self.names.get(task, '')}")
 
     def _finished(self, task: str, status: str) -> None:
-        seconds = time.monotonic() - self._running.pop(task, time.monotonic())
+        # The earliest started of that name (which of two same-named tasks ended is unknown).
+        index = next((i for i, (name, _) in enumerate(self._running) if name == task), None)
+        started = self._running.pop(index)[1] if index is not None else time.monotonic()
+        seconds = time.monotonic() - started
         self.say(f"  {status:<8} {task:<22} {seconds:.1f} s")
         if status != "SUCCESS" and self._tail:
-            self.say(f"  {'':<8} the last lines of {task}'s output (all of it in the log):")
+            beside = " and the tasks beside it" if self._running else ""
+            self.say(f"  {'':<8} the last lines of {task}'s output{beside} (all of it in the log):")
             for line in self._tail:
                 self.say(f"  {'':<8} | {line}")
-        self._task = None
+        if not self._running:
+            self._tail.clear()
         if self._bar is not None:
             self._show_running(self._bar)
             self._bar.update(1)
@@ -248,7 +292,9 @@ class RunLog(io.TextIOBase):
         elif line.strip() and not KFP_LINE.match(line):
             self._tail.append(line)
             if PROGRESS.search(line):
-                self.say(f"  {'':<8} {self._task:<22} {line.strip()}")
+                # Side by side, the line's task is unknown: the line names its stage itself.
+                task = self._task if len(self._running) == 1 else ""
+                self.say(f"  {'':<8} {task:<22} {line.strip()}")
 
 
 def _newest_run_dir(root: Path, started: float) -> Path | None:
@@ -269,9 +315,13 @@ def run_local(
     zygote: Zygote | None = None,
     log: RunLog | None = None,
     containers: ContainerRun | None = None,
+    build: Callable[[], Any] | None = None,
 ) -> LocalRun:
     """Run the pipeline locally; kfp.local's output goes to `log` (default: a RunLog under
     `pipeline_root`/logs, task lines on stdout).
+
+    `build`: makes the pipeline to run (default: the main DAG of pipeline/dag.py for
+    `options`; a sweep passes its own, pipeline/sweep_dag.py).
 
     `zygote`: tasks start as forks of this process that has imported torch, MLflow and iagn
     already (pipeline/warm.py); None: each task is a fresh interpreter.
@@ -298,18 +348,19 @@ def run_local(
     else:
         runner = local.SubprocessRunner(use_venv=False)
     local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
-    pipeline = build_pipeline(options)
+    pipeline = build() if build is not None else build_pipeline(options)
     if containers is not None:
         pin_image(pipeline, containers.image)
     started = time.time()
     error = ""
+    real_print = builtins.print
     python = zygote.client() if zygote is not None else None
     if zygote is not None and python is None:
         print(
             f"iagn-pipeline: note: the preloaded interpreter failed (see {log.path}); "
             "every task imports torch, MLflow and iagn itself"
         )
-    log.watch(task_names(pipeline.pipeline_spec))
+    log.watch(task_names(pipeline.pipeline_spec), task_count(pipeline.pipeline_spec, arguments))
     proxy = contextlib.nullcontext()
     if containers is not None:
         from pipeline.containers import ApiProxy
@@ -334,6 +385,9 @@ def run_local(
             except RuntimeError as exc:  # kfp.local: "Pipeline iagn finished with status FAILURE"
                 error = ANSI.sub("", str(exc))
     finally:
+        # kfp.local indents a task's lines by swapping builtins.print in and out; tasks side
+        # by side (a sweep's trials) can leave its indenting print in place for good.
+        builtins.print = real_print
         log.unwatch()
         if own_log:
             log.close()
@@ -368,6 +422,12 @@ def collect_outputs(run_dir: Path) -> dict[str, Any]:
             found["register"] = json.loads(decision.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+    for sweep in run_dir.glob("pick-best/result/sweep.json"):
+        try:
+            found["sweep"] = json.loads(sweep.read_text())
+            found["sweep_folder"] = sweep.parent
+        except (OSError, json.JSONDecodeError):
+            continue
     for params in run_dir.glob("fetch-data/params"):
         found["params"] = params
     # The exit handler's return value: where the MLflow parent run is (read here, so that
@@ -395,6 +455,24 @@ def mlflow_ui(uri: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (in {Path.cwd()})"
 
 
+def _sweep_lines(outputs: dict[str, Any]) -> list[str]:
+    """A sweep's winner and where its summary is (pipeline/sweep_dag.py)."""
+    sweep = outputs.get("sweep")
+    if not sweep:
+        return []
+    best = next((t for t in sweep["trials"] if t["trial"] == sweep["best_trial"]), {})
+    value = best.get("metrics", {}).get(sweep.get("metric", ""), float("nan"))
+    overrides = ", ".join(
+        f"{k}={json.dumps(v)}" for k, v in sweep.get("best_overrides", {}).items()
+    )
+    return [
+        f"  sweep            {sweep['sweep_id']}: {len(sweep['trials'])} trials; best "
+        f"{sweep['best_trial']} ({overrides}), {sweep.get('metric')} {value:.4g}",
+        f"  sweep summary    {outputs['sweep_folder']}/summary.md, summary.png (MLflow: "
+        "sweep/ on the parent run)",
+    ]
+
+
 def report(run: LocalRun, arguments: dict[str, Any]) -> str:
     """What people need after a local run: where to look, in a few lines."""
     lines = []
@@ -405,6 +483,7 @@ def report(run: LocalRun, arguments: dict[str, Any]) -> str:
     outputs = run.outputs
     if "validation" in outputs:
         lines.append(f"  data validation  {outputs['validation']}/summary.md")
+    lines += _sweep_lines(outputs)
     for kind in ("teacher", "student"):
         folder = outputs.get(f"{kind}_evaluation")
         if folder is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from helpers import free_port
+from helpers import dvc, free_port, iagn, run
 from moto.server import ThreadedMotoServer
 
 from iagn.data.synth import SynthConfig, generate
@@ -31,6 +31,26 @@ SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
 def smoke_params(params_file: Path = REPO_ROOT / "params.yaml") -> dict:
     """`params_file` with configs/smoke.yaml merged over it."""
     return load_params(params_file, SMOKE)
+
+
+def dvc_project(base: Path) -> Path:
+    """`base`/project: a git + DVC project with the smoke params and their synthetic dataset,
+    pushed to a DVC remote beside it (`base`/dvc-store): what `iagn-pipeline run-local` and
+    `sweep --local` fetch from."""
+    import yaml
+
+    root = base / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
+    run(["git", "init", "--quiet", "-b", "main"], cwd=root)
+    iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=root)
+    dvc("init", "--quiet", cwd=root)
+    dvc("remote", "add", "-d", "store", str(base / "dvc-store"), cwd=root)
+    dvc("add", "--quiet", "data", cwd=root)
+    dvc("push", "--quiet", cwd=root)
+    run(["git", "add", "-A"], cwd=root)
+    run(["git", "commit", "--quiet", "-m", "tiny project"], cwd=root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -128,6 +128,7 @@ BASELINES = {
     "iagn-pipeline compile": ["-o", "{new}.yaml"],
     "iagn-pipeline submit": ["--host", "{dead-host}", "--package", "{pipeline.yaml}"],
     "iagn-pipeline run-local": [],
+    "iagn-pipeline sweep": ["--grid", "stage3.epochs=1,2", "--host", "{dead-host}"],
 }
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import smoke_params
-from helpers import BIN, dvc, iagn, run
+from conftest import dvc_project
+from helpers import BIN, run
 from mlflow_server import SECRETS, STEP_RUNS, TRACKING_PASSWORD, TRACKING_USER, mlflow_server
 
 from iagn.errors import IagnError
@@ -59,20 +59,7 @@ OPEN_GATE = (
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A git + DVC project with the tiny configuration and its dataset pushed to a remote."""
-    base = tmp_path_factory.mktemp("kfp-local")
-    root = base / "project"
-    root.mkdir()
-    params = smoke_params()
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "--quiet", "-b", "main"], cwd=root)
-    iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=root)
-    dvc("init", "--quiet", cwd=root)
-    dvc("remote", "add", "-d", "store", str(base / "dvc-store"), cwd=root)
-    dvc("add", "--quiet", "data", cwd=root)
-    dvc("push", "--quiet", cwd=root)
-    run(["git", "add", "-A"], cwd=root)
-    run(["git", "commit", "--quiet", "-m", "tiny project"], cwd=root)
-    return root
+    return dvc_project(tmp_path_factory.mktemp("kfp-local"))
 
 
 @pytest.fixture(scope="module")

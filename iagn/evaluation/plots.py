@@ -204,3 +204,42 @@ def localization_plot(ious: torch.Tensor, deletion: dict[str, dict[str, float]],
     else:
         right.set_axis_off()
     return _save(figure, out)
+
+
+def sweep_plot(
+    keys: list[str],
+    rows: list[tuple[str, dict, float]],
+    best: str,
+    out: Path,
+    metric: str = "val top-1",
+) -> Path:
+    """A sweep: `metric` against each swept key, one panel per key, the best trial marked.
+
+    `rows` are (trial, overrides, value). Numbers on a numeric axis (logarithmic where the
+    values span 20x or more), anything else (lists, strings) as categories.
+    """
+    panels = max(1, len(keys))
+    figure, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.4), squeeze=False)
+    for axis, key in zip(axes[0], keys, strict=False):
+        values = [overrides.get(key) for _, overrides, _ in rows]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        if numeric:
+            xs = [float(v) for v in values]
+            if min(xs) > 0 and max(xs) >= 20 * min(xs):
+                axis.set_xscale("log")
+        else:
+            labels = list(dict.fromkeys(str(v) for v in values))
+            xs = [float(labels.index(str(v))) for v in values]
+            axis.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        ys = [value for _, _, value in rows]
+        axis.scatter(xs, ys, color="tab:blue", zorder=2)
+        for (trial, _, value), x in zip(rows, xs, strict=True):
+            axis.annotate(trial, (x, value), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if trial == best:
+                axis.scatter([x], [value], s=160, facecolors="none", edgecolors="tab:red", zorder=3)
+        axis.set_xlabel(key)
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{metric} per trial (circled: best, {best})", fontsize=9)
+    figure.tight_layout()
+    return _save(figure, out)

@@ -7,6 +7,8 @@ component, a notebook): see `iagn/runner.py`. One module per job:
                server answers, the experiment, MLflow failures as one readable error
     parent.py  the pipeline's parent run: finding or creating it, its status, ending it
     step.py    a step's run: `step_run`, `StepRun` (params, metrics, artifacts, datasets)
+    trial.py   a sweep's trial runs: a trial step's run nests under its trial's run, itself
+               a child of the sweep's parent run (iagn-pipeline sweep)
     spool.py   what a step sends, and where it is kept while MLflow does not answer: a
                tracking server or artifact store that goes away during a step does not stop
                it; the spool beside the step's output is sent when MLflow answers again or

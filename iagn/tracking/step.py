@@ -34,6 +34,7 @@ from iagn.tracking.spool import DATASET_DIGEST_CHARS as DATASET_DIGEST_CHARS
 from iagn.tracking.spool import PROBE_TIMEOUT, Outbox, http_limits, spool_path
 from iagn.tracking.spool import TAG_DATA_DIGEST as TAG_DATA_DIGEST
 from iagn.tracking.store import configure, experiment_id, mlflow_errors, tracking_enabled
+from iagn.tracking.trial import fail_trial, find_or_create_trial, trial_of
 
 TAG_STEP = "iagn.step"
 
@@ -73,6 +74,7 @@ class StepRun:
     uri: str = ""
     blocked: str | None = None
     outbox: Outbox | None = None
+    trial_id: str | None = None  # a sweep trial's run, between the parent and this run
     _logged: dict[int, set[str]] = field(default_factory=dict)  # epoch -> metric names
 
     @property
@@ -232,10 +234,13 @@ def _leave_active_run(run_id: str | None, status: str) -> None:
         mlflow.end_run(status)
 
 
-def _start(step: str, output: str | Path | None) -> tuple[StepRun, Parent]:
+def _start(
+    step: str, output: str | Path | None, params: Mapping[str, Any] | None = None
+) -> tuple[StepRun, Parent]:
     import mlflow
     from mlflow import MlflowClient
 
+    trial = trial_of(params)
     uri = configure()
     with mlflow_errors(uri):
         client = MlflowClient()
@@ -250,18 +255,25 @@ def _start(step: str, output: str | Path | None) -> tuple[StepRun, Parent]:
                 f"MLflow run {active.info.run_id} is active in this process, but this step "
                 f"belongs under run {parent.run_id}; end the active run (mlflow.end_run()) first"
             )
+        # A sweep's trial step: its run goes under the trial's run, itself under the parent
+        # (iagn/tracking/trial.py); the parent's status is handled as for any step.
+        trial_id = None
+        if trial is not None and active is None:
+            trial_id = find_or_create_trial(client, experiment, parent.run_id, trial, tags)
         run = mlflow.start_run(
             experiment_id=experiment,
             run_name=step,
             nested=active is not None,
-            parent_run_id=parent.run_id if active is None else None,
+            parent_run_id=(trial_id or parent.run_id) if active is None else None,
             tags={**tags, TAG_STEP: step},
         )
         run_id = run.info.run_id
         pipeline_run = os.environ.get(ENV_KFP_RUN) or parent.run_id or run_id
     outbox = Outbox(run_id, step, uri, experiment, spool_path(step, run_id, output))
     outbox.watch()
-    step_run_ = StepRun(run_id, parent.run_id, pipeline_run, experiment, uri, outbox=outbox)
+    step_run_ = StepRun(
+        run_id, parent.run_id, pipeline_run, experiment, uri, outbox=outbox, trial_id=trial_id
+    )
     try:
         step_run_.set_tags({TAG_PIPELINE_RUN: pipeline_run})
     except BaseException:
@@ -294,7 +306,7 @@ def step_run(
     if not tracking_enabled():
         yield StepRun()
         return
-    run, parent = _start(step, output)
+    run, parent = _start(step, output, params)
     try:
         run.log_params(params or {}, sections)
         yield run
@@ -307,11 +319,13 @@ def step_run(
             run.set_tags({TAG_OUTCOME: outcome, TAG_ERROR: error})
         with contextlib.suppress(Exception):
             run.end(step, status, outcome, error, parent, ends_pipeline)
+        fail_trial(run.trial_id, status, outcome, f"{step}: {error}")
         raise
     if run.blocked:
         reason = scrub_text(run.blocked)[:ERROR_CHARS]
         run.set_tags({TAG_OUTCOME: "blocked", TAG_ERROR: reason})
         run.end(step, "FAILED", "blocked", reason, parent, ends_pipeline)
+        fail_trial(run.trial_id, "FAILED", "blocked", f"{step}: {reason}")
     else:
         run.set_tags({TAG_OUTCOME: "succeeded"})
         run.end(step, "FINISHED", "succeeded", "", parent, ends_pipeline)
