@@ -123,6 +123,7 @@ BASELINES = {
         *("--params", "{params.yaml}", "--out", "{new}"),
     ],
     "iagn models": ["--params", "{params.yaml}"],
+    "iagn models card": ["iagn@champion", "--out", "{new}"],
     "iagn checkpoint convert": ["{teacher.pt}", "{new}.pt"],
     "iagn tracking replay": ["{empty}"],
     "iagn-pipeline compile": ["-o", "{new}.yaml"],
@@ -138,8 +139,9 @@ BASELINES = {
 def leaves() -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     def walk(parser, words):
         subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-        if not subparsers:
+        if not subparsers or not subparsers[0].required:  # `iagn models` runs on its own too
             yield words, parser
+        if not subparsers:
             return
         for name, sub in subparsers[0].choices.items():
             yield from walk(sub, (*words, name))
@@ -149,7 +151,7 @@ def leaves() -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
 
 
 def arguments(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    skip = (argparse._HelpAction, argparse._VersionAction)
+    skip = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
     return [action for action in parser._actions if not isinstance(action, skip)]
 
 

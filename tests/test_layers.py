@@ -41,6 +41,7 @@ LAYERS = (
     Layer("training", ("iagn.train",)),
     Layer("serving", ("iagn.registry", "iagn.inference", "iagn.serving", "iagn.pyfunc_entry")),
     Layer("steps", ("iagn.steps",), isolated=True),
+    Layer("model card", ("iagn.card",)),
     Layer("runner", ("iagn.runner",)),
     Layer("command line", ("iagn.commands", "iagn.cli")),
     Layer("KFP components", ("components",)),
@@ -178,7 +179,7 @@ def test_the_checker_reports_upward_imports_peers_and_cycles():
     upward = [p for p in problems if "a higher layer" in p]
     assert len(upward) == 2, problems
     assert upward[0].startswith("iagn/io.py:7, inside load: iagn.io [layer 1 (foundation)]")
-    assert "imports iagn.runner [layer 7 (runner)]" in upward[0]
+    assert "imports iagn.runner [layer 8 (runner)]" in upward[0]
     assert "move the imported code down" in upward[0] and "pass it in" in upward[0]
     # The loop (layer 4) importing the calibration (layer 3) points down; the calibration's
     # lazy import of the loop points up.
