@@ -98,8 +98,14 @@ def test_compare_two_runs_in_the_ui(mlflow_server, two_runs, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
+    keep_screenshot(shot, SCREENSHOT_ENV)
+
+
+def keep_screenshot(shot: Path, variable: str) -> None:
+    """Check the screenshot is a PNG; copy it into the repo when `variable` names a path
+    (how the README's pictures are refreshed)."""
     assert shot.read_bytes()[:4] == b"\x89PNG"
-    keep = os.environ.get(SCREENSHOT_ENV)
+    keep = os.environ.get(variable)
     if keep:
         target = REPO_ROOT / keep
         target.parent.mkdir(parents=True, exist_ok=True)

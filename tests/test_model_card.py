@@ -4,7 +4,6 @@ logged to the version's model, linked from its description, read back by `iagn m
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import statistics
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
 from helpers import run
 from mlflow_server import MODEL_NAME, mlflow_server, tracked_pipeline
 from test_registry import _candidate, use_pipeline_env
@@ -214,7 +212,7 @@ def test_the_registry_ui_shows_champion_and_challenger_and_opens_the_card(
     mlflow_server, two_versions, tmp_path
 ):
     from playwright.sync_api import expect, sync_playwright
-    from test_mlflow_ui import CHROMIUM, CHROMIUM_FLAGS
+    from test_mlflow_ui import CHROMIUM, CHROMIUM_FLAGS, keep_screenshot
 
     assert CHROMIUM.exists(), "install Chromium: apt-get install -y chromium chromium-driver"
     champion, challenger = two_versions.champion["version"], two_versions.second["version"]
@@ -249,9 +247,4 @@ def test_the_registry_ui_shows_champion_and_challenger_and_opens_the_card(
             card_page.screenshot(path=str(shot))
         finally:
             browser.close()
-    assert shot.read_bytes()[:4] == b"\x89PNG"
-    keep = os.environ.get(CARD_SCREENSHOT_ENV)
-    if keep:
-        target = REPO_ROOT / keep
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, target)
+    keep_screenshot(shot, CARD_SCREENSHOT_ENV)
