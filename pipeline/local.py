@@ -497,6 +497,12 @@ def report(run: LocalRun, arguments: dict[str, Any]) -> str:
                 lines.append(
                     f"  registered       {uri} (version {outcome['version']}, {outcome['kind']})"
                 )
+                if outcome.get("card"):
+                    lines.append(
+                        f"  model card       {shown_path(Path(outcome['card']))}  (`iagn models "
+                        f"card {uri.removeprefix('models:/')}`; MLflow: the version's Model "
+                        "card link)"
+                    )
             else:
                 failures = "; ".join(outcome.get("gate_failures", []))
                 lines.append(f"  not registered   {outcome.get('kind')}: {failures}")

@@ -135,6 +135,11 @@ def test_run_local_leaves_the_kfp_outputs(local_run, project):
     assert "the student passes" in (reports["student"] / "summary").read_text()
     decision = json.loads((outputs / "register" / "result" / "register.json").read_text())
     assert decision["passed"] and decision["outcomes"][0]["champion"]
+    # The champion's model card: the register task's HTML output, and where the report says.
+    card = (outputs / "register" / "card").read_text()
+    assert f"Model card: {MODEL} version 1 (student)" in card
+    assert card == Path(decision["outcomes"][0]["card"]).read_text()
+    assert f"(`iagn models card {MODEL}@champion`;" in local_run.stdout
 
 
 def test_run_local_prints_a_line_per_task_and_logs_the_rest(local_run, project):
