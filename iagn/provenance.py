@@ -6,6 +6,8 @@ The tags `iagn/tracking/` puts on every parent and step run:
                            whether tracked files had uncommitted changes
     iagn.dvc_data_version  IAGN_DATA_VERSION when set, else the md5 in ./data.dvc
     iagn.kfp_run_id        KFP_RUN_ID (the KFP components set it from the pipeline run)
+    iagn.dvc_exp           DVC_EXP_NAME: the experiment's name, which `dvc exp run` (queued
+                           or not) sets for every stage command; `dvc repro` does not
 `dvc_ancestor` finds the `dvc repro` / `dvc exp run` process a step runs under (Linux /proc),
 so that all stages of one repro can share a parent run.
 """
@@ -27,10 +29,16 @@ ENV_KFP_RUN = "KFP_RUN_ID"
 ENV_PIPELINE_RUN = "IAGN_PIPELINE_RUN"
 ENV_GIT_COMMIT = "IAGN_GIT_COMMIT"
 ENV_DATA_VERSION = "IAGN_DATA_VERSION"
+# Set by DVC for the stage commands of an experiment (dvc/repo/experiments/queue/base.py), as
+# are DVC_EXP_BASELINE_REV and DVC_ROOT: the project's root, also from a queued experiment's
+# temporary workspace under .dvc/tmp/exps.
+ENV_DVC_EXP = "DVC_EXP_NAME"
+ENV_DVC_ROOT = "DVC_ROOT"
 TAG_KFP_RUN = "iagn.kfp_run_id"
 TAG_GIT_COMMIT = "iagn.git_commit"
 TAG_GIT_DIRTY = "iagn.git_dirty"
 TAG_DATA_VERSION = "iagn.dvc_data_version"
+TAG_DVC_EXP = "iagn.dvc_exp"
 
 
 def _git(*args: str) -> str | None:
@@ -60,7 +68,15 @@ def provenance_tags() -> dict[str, str]:
     kfp_run = os.environ.get(ENV_KFP_RUN)
     if kfp_run:
         tags[TAG_KFP_RUN] = kfp_run
+    dvc_exp = dvc_experiment()
+    if dvc_exp:
+        tags[TAG_DVC_EXP] = dvc_exp
     return tags
+
+
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment this stage runs in, if any."""
+    return os.environ.get(ENV_DVC_EXP, "").strip() or None
 
 
 def dvc_data_version(path: str | Path = "data.dvc") -> str | None:

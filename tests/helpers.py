@@ -52,6 +52,22 @@ def iagn(*args, cwd: Path, env: dict | None = None, check: bool = True):
     return run([BIN / "iagn", *args], cwd=cwd, env=env, check=check)
 
 
+def tiny_dvc_project(clone: Path) -> Path:
+    """A fresh clone of this repository at `clone` with the smoke configuration committed in
+    params.yaml and its dataset generated and tracked by DVC (data.dvc): the whole pipeline
+    (`dvc repro`, `dvc exp run`) runs on it in minutes."""
+    import yaml
+    from conftest import REPO_ROOT, smoke_params
+
+    run(["git", "clone", "--quiet", REPO_ROOT, clone], cwd=clone.parent)
+    params_file = clone / "params.yaml"
+    params_file.write_text(yaml.safe_dump(smoke_params(params_file)))
+    iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=clone)
+    dvc("add", "--quiet", "data", cwd=clone)
+    run(["git", "commit", "--quiet", "-am", "tiny configuration"], cwd=clone)
+    return clone
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

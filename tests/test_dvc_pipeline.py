@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO_ROOT, smoke_params
-from helpers import dvc, iagn, run
+from helpers import dvc, iagn, run, tiny_dvc_project
 from mlflow.tracking import MlflowClient
 
 STAGES = ("validate", "stage1", "stage2", "stage3", "distill", "evaluate", "register")
@@ -21,14 +20,7 @@ def ran(output: str) -> set[str]:
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory) -> Path:
     """A fresh clone with the tiny configuration committed and its dataset generated."""
-    clone = tmp_path_factory.mktemp("dvc") / "clone"
-    run(["git", "clone", "--quiet", REPO_ROOT, clone], cwd=clone.parent)
-    params_file = clone / "params.yaml"
-    params_file.write_text(yaml.safe_dump(smoke_params(params_file)))
-    iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=clone)
-    dvc("add", "--quiet", "data", cwd=clone)
-    run(["git", "commit", "--quiet", "-am", "tiny configuration"], cwd=clone)
-    return clone
+    return tiny_dvc_project(tmp_path_factory.mktemp("dvc") / "clone")
 
 
 def test_repro_runs_every_stage_then_nothing(pipeline_repo: Path):

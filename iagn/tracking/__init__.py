@@ -16,7 +16,10 @@ component, a notebook): see `iagn/runner.py`. One module per job:
 
 Where runs go
     MLFLOW_TRACKING_URI unset: MLflow's embedded default, the SQLite file `mlflow.db` in the
-    current (project) folder, artifacts under `mlruns/` beside it. Set: any tracking server,
+    current (project) folder, artifacts under `mlruns/` beside it; a queued or --temp `dvc exp
+    run` runs its stages in a copy that DVC deletes, so they use the project's (DVC_ROOT).
+    A new SQLite store gets its tables under a lock (`dvc queue start -j N` opens one N times
+    at once). Set: any tracking server,
     e.g. one with an S3 artifact store (the server proxies artifacts with
     `--artifacts-destination s3://...`, or the client writes them itself, reading
     MLFLOW_S3_ENDPOINT_URL for MinIO/Ceph and the AWS_* credentials).
@@ -40,7 +43,8 @@ The parent run of a step (first match wins)
        steps run inside and outside `dvc repro` can share one parent.
     3. `dvc repro` / `dvc exp run` among this process's ancestors (walked through /proc):
        the run tagged with that DVC process (host, pid, start time), so all stages of one
-       repro share one parent.
+       repro share one parent. Under `dvc queue start` that process is each experiment's own
+       `dvc exp exec-run`: one parent per experiment, named `dvc exp <name>` (DVC_EXP_NAME).
     4. An active MLflow run in this process (a notebook): nested under it.
     5. Otherwise the step run is a top-level run, which ends with its step.
 
@@ -66,9 +70,10 @@ Tags on parent and step runs
     iagn.step              the step (validate, train-stage-1, ..., register)
     iagn.outcome, iagn.error  succeeded / failed / blocked / killed and why (the parent: its
                            first failure, named by step)
-    iagn.git_commit, iagn.git_dirty, iagn.dvc_data_version, iagn.kfp_run_id: where the run
-                           comes from (iagn/provenance.py; IAGN_GIT_COMMIT and
-                           IAGN_DATA_VERSION stand in where there is no checkout or data.dvc)
+    iagn.git_commit, iagn.git_dirty, iagn.dvc_data_version, iagn.kfp_run_id, iagn.dvc_exp
+                           (the DVC experiment's name): where the run comes from
+                           (iagn/provenance.py; IAGN_GIT_COMMIT and IAGN_DATA_VERSION stand
+                           in where there is no checkout or data.dvc)
 Params of a step run are the flattened params.yaml sections the step reads
 (`train.lr_head`, `stage3.epochs`, ...). Nothing is taken from the environment beyond the
 variables above: no credentials, no URIs with user info.

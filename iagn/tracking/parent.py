@@ -26,7 +26,13 @@ import sys
 from dataclasses import dataclass
 
 from iagn.errors import IagnError
-from iagn.provenance import ENV_KFP_RUN, ENV_PIPELINE_RUN, dvc_ancestor, provenance_tags
+from iagn.provenance import (
+    ENV_KFP_RUN,
+    ENV_PIPELINE_RUN,
+    dvc_ancestor,
+    dvc_experiment,
+    provenance_tags,
+)
 from iagn.redact import scrub_text
 from iagn.tracking.store import configure, experiment_id, mlflow_errors, tracking_enabled
 
@@ -95,8 +101,13 @@ def pipeline_key() -> tuple[str, str] | None:
             return f"{prefix}:{name}", name
     dvc = dvc_ancestor()
     if dvc is not None:
+        # Keyed by the DVC process, not the experiment's name: one name can be run again (on
+        # another baseline, after `dvc exp remove`), each run its own parent. Under `dvc queue
+        # start` the nearest dvc ancestor is the experiment's own `dvc exp exec-run` process.
         host = socket.gethostname()
-        return f"{SOURCE_DVC}:{host}:{dvc[0]}:{dvc[1]}", f"dvc repro {host} pid {dvc[0]}"
+        key = f"{SOURCE_DVC}:{host}:{dvc[0]}:{dvc[1]}"
+        experiment = dvc_experiment()
+        return key, f"dvc exp {experiment}" if experiment else f"dvc repro {host} pid {dvc[0]}"
     return None
 
 

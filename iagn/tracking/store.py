@@ -4,11 +4,15 @@ server's reachability, the experiment, and MLflow failures as one readable error
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from iagn.errors import IagnError
+from iagn.provenance import ENV_DVC_EXP, ENV_DVC_ROOT
 from iagn.redact import scrub_text, scrub_uri
 
 ENV_TRACKING = "IAGN_TRACKING"
@@ -86,6 +90,44 @@ def _check_reachable(uri: str) -> None:
         ) from None
 
 
+def dvc_project_root() -> Path | None:
+    """The project folder of a DVC experiment whose stages run outside it, else None.
+
+    A queued (or --temp) `dvc exp run` runs its stages in a copy under .dvc/tmp/exps that
+    DVC deletes afterwards, so MLflow's embedded default store (./mlflow.db and ./mlruns in
+    the current folder) would go with it: the project's own store is used instead.
+    """
+    root = os.environ.get(ENV_DVC_ROOT, "").strip()
+    if not root or not os.environ.get(ENV_DVC_EXP):
+        return None
+    root_path = Path(root).resolve()
+    return None if Path.cwd().resolve() == root_path else root_path
+
+
+def _project_store(root: Path) -> str:
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _create_sqlite_tables(uri: str) -> None:
+    """Create a new SQLite store's tables under a lock. MLflow's client creates them without
+    one, and steps meeting a new store at once (`dvc queue start -j 2` on the project's
+    mlflow.db) fail on each other's half-made tables ("duplicate column name")."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return
+    from mlflow import MlflowClient
+
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    lock = Path(tempfile.gettempdir()) / f"iagn-mlflow-tables-{digest}.lock"
+    with lock.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # opening the store creates them
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def configure(check: bool = True) -> str:
     """Point MLflow at the configured store and (`check`) that it answers; the URI, scrubbed.
 
@@ -96,10 +138,16 @@ def configure(check: bool = True) -> str:
 
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
+    root = dvc_project_root()
+    if root is not None and not mlflow.is_tracking_uri_set():
+        os.environ["MLFLOW_TRACKING_URI"] = _project_store(root)
     credentials_out_of_uri()
     uri = mlflow.get_tracking_uri()
     if check and urlsplit(uri).scheme in ("http", "https"):
         _check_reachable(uri)
+    if uri.startswith("sqlite:"):
+        with mlflow_errors(scrub_uri(uri)):
+            _create_sqlite_tables(uri)
     return scrub_uri(uri)
 
 
@@ -134,8 +182,14 @@ def experiment_id(client) -> str:
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
+        # The embedded store would put a new experiment's artifacts under ./mlruns, which in
+        # a queued DVC experiment is the temporary copy: the project's mlruns instead.
+        root = dvc_project_root()
+        artifacts = None
+        if root is not None and client.tracking_uri == _project_store(root):
+            artifacts = (root / "mlruns").as_uri()
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, artifact_location=artifacts)
         except MlflowException:  # another step created it in the meantime
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
