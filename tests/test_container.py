@@ -26,9 +26,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import REPO_ROOT, smoke_params
-from helpers import BIN, dvc, free_port, iagn, run
+from conftest import REPO_ROOT, dvc_project
+from helpers import BIN, free_port, run
 from mlflow_server import SECRETS, STEP_RUNS, mlflow_server
 
 __all__ = ["mlflow_server"]  # the session's MLflow server fixture, used below
@@ -183,19 +182,7 @@ def test_no_layer_holds_the_repository_data_stores_or_credentials(client, image)
 def project(tmp_path_factory) -> Path:
     """A git + DVC project with the tiny configuration, its data pushed to a folder remote
     outside the project (mounted into the containers)."""
-    base = tmp_path_factory.mktemp("container")
-    root = base / "project"
-    root.mkdir()
-    (root / "params.yaml").write_text(yaml.safe_dump(smoke_params(), sort_keys=False))
-    run(["git", "init", "--quiet", "-b", "main"], cwd=root)
-    iagn("data", "synth", "--params", "params.yaml", "--out", "data/synth", "--quiet", cwd=root)
-    dvc("init", "--quiet", cwd=root)
-    dvc("remote", "add", "-d", "store", str(base / "dvc-store"), cwd=root)
-    dvc("add", "--quiet", "data", cwd=root)
-    dvc("push", "--quiet", cwd=root)
-    run(["git", "add", "-A"], cwd=root)
-    run(["git", "commit", "--quiet", "-m", "tiny project"], cwd=root)
-    return root
+    return dvc_project(tmp_path_factory.mktemp("container"))
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -58,46 +59,51 @@ def two_runs(mlflow_server, tiny_synth, tmp_path_factory) -> tuple[str, list[str
     return experiment, [by_rate[rate] for rate in LEARNING_RATES]
 
 
-def test_compare_two_runs_in_the_ui(mlflow_server, two_runs, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+@contextlib.contextmanager
+def chromium():
+    """Headless system Chromium through Playwright (a fresh temporary profile each time)."""
+    from playwright.sync_api import sync_playwright
 
     assert CHROMIUM.exists(), "install Chromium: apt-get install -y chromium chromium-driver"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_compare_two_runs_in_the_ui(mlflow_server, two_runs, tmp_path):
+    from playwright.sync_api import expect
+
     experiment, run_ids = two_runs
     url = (
         f"{mlflow_server.url}/#/compare-runs?runs={json.dumps(run_ids)}"
         f"&experiments={json.dumps([experiment])}"
     )
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_FLAGS,  # Playwright gives each launch a fresh temporary profile
-        )
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1900})
-            page.goto(url)
-            expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible(
-                timeout=60_000
-            )
-            body = page.locator("body")
-            for run_id in run_ids:
-                expect(body).to_contain_text(run_id)
-            expect(body).to_contain_text("train.lr_head")
-            for rate in LEARNING_RATES:
-                expect(body).to_contain_text(str(rate))
-            expect(body).to_contain_text("val_acc")
-            # The assistant panel, if the UI opens one, would hide half of the comparison.
-            close = page.get_by_role("button", name="Close")
-            if close.count():
-                close.first.click()
-            # Parameters that differ only: what a person comparing two runs looks at first.
-            page.get_by_role("switch").first.click()
-            expect(page.get_by_role("row").filter(has_text="data.crop")).to_have_count(0)
-            expect(page.get_by_role("row").filter(has_text="train.lr_head")).to_have_count(1)
-            shot = tmp_path / "compare-runs.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1900})
+        page.goto(url)
+        expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible(timeout=60_000)
+        body = page.locator("body")
+        for run_id in run_ids:
+            expect(body).to_contain_text(run_id)
+        expect(body).to_contain_text("train.lr_head")
+        for rate in LEARNING_RATES:
+            expect(body).to_contain_text(str(rate))
+        expect(body).to_contain_text("val_acc")
+        # The assistant panel, if the UI opens one, would hide half of the comparison.
+        close = page.get_by_role("button", name="Close")
+        if close.count():
+            close.first.click()
+        # Parameters that differ only: what a person comparing two runs looks at first.
+        page.get_by_role("switch").first.click()
+        expect(page.get_by_role("row").filter(has_text="data.crop")).to_have_count(0)
+        expect(page.get_by_role("row").filter(has_text="train.lr_head")).to_have_count(1)
+        shot = tmp_path / "compare-runs.png"
+        page.screenshot(path=str(shot), full_page=True)
     keep_screenshot(shot, SCREENSHOT_ENV)
 
 

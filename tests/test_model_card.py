@@ -211,40 +211,33 @@ CARD_SCREENSHOT_ENV = "IAGN_CARD_SCREENSHOT"
 def test_the_registry_ui_shows_champion_and_challenger_and_opens_the_card(
     mlflow_server, two_versions, tmp_path
 ):
-    from playwright.sync_api import expect, sync_playwright
-    from test_mlflow_ui import CHROMIUM, CHROMIUM_FLAGS, keep_screenshot
+    from playwright.sync_api import expect
+    from test_mlflow_ui import chromium, keep_screenshot
 
-    assert CHROMIUM.exists(), "install Chromium: apt-get install -y chromium chromium-driver"
     champion, challenger = two_versions.champion["version"], two_versions.second["version"]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS
-        )
-        try:
-            context = browser.new_context(viewport={"width": 1500, "height": 1300})
-            page = context.new_page()
-            page.goto(f"{mlflow_server.url}/#/models/{CARD_MODEL}")
-            rows = page.get_by_role("row")
-            expect(rows.filter(has_text=f"Version {champion}")).to_contain_text("champion")
-            expect(rows.filter(has_text=f"Version {challenger}")).to_contain_text("challenger")
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1500, "height": 1300})
+        page = context.new_page()
+        page.goto(f"{mlflow_server.url}/#/models/{CARD_MODEL}")
+        rows = page.get_by_role("row")
+        expect(rows.filter(has_text=f"Version {champion}")).to_contain_text("champion")
+        expect(rows.filter(has_text=f"Version {challenger}")).to_contain_text("challenger")
 
-            page.goto(f"{mlflow_server.url}/#/models/{CARD_MODEL}/versions/{challenger}")
-            link = page.get_by_role("link", name="Model card")
-            expect(link).to_be_visible(timeout=60_000)
-            with context.expect_page() as opened:  # the description's links open a new tab
-                link.click()
-            card_page = opened.value
-            for name in (card.CARD_DIR, CARD_MODEL, challenger, card.CARD_HTML):
-                card_page.get_by_text(name, exact=True).first.click()
-            shown = card_page.frame_locator("iframe.mlflow-html-iframe").locator("body")
-            title = f"Model card: {CARD_MODEL} version {challenger} (student)"
-            expect(shown).to_contain_text(title, timeout=30_000)
-            expect(shown).to_contain_text(f"Compared with the champion (version {champion})")
-            close = card_page.get_by_role("button", name="Close")  # the assistant's panel
-            if close.count():
-                close.first.click()
-            shot = tmp_path / "card.png"
-            card_page.screenshot(path=str(shot))
-        finally:
-            browser.close()
+        page.goto(f"{mlflow_server.url}/#/models/{CARD_MODEL}/versions/{challenger}")
+        link = page.get_by_role("link", name="Model card")
+        expect(link).to_be_visible(timeout=60_000)
+        with context.expect_page() as opened:  # the description's links open a new tab
+            link.click()
+        card_page = opened.value
+        for name in (card.CARD_DIR, CARD_MODEL, challenger, card.CARD_HTML):
+            card_page.get_by_text(name, exact=True).first.click()
+        shown = card_page.frame_locator("iframe.mlflow-html-iframe").locator("body")
+        title = f"Model card: {CARD_MODEL} version {challenger} (student)"
+        expect(shown).to_contain_text(title, timeout=30_000)
+        expect(shown).to_contain_text(f"Compared with the champion (version {champion})")
+        close = card_page.get_by_role("button", name="Close")  # the assistant's panel
+        if close.count():
+            close.first.click()
+        shot = tmp_path / "card.png"
+        card_page.screenshot(path=str(shot))
     keep_screenshot(shot, CARD_SCREENSHOT_ENV)
