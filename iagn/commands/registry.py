@@ -124,6 +124,7 @@ def _card_version(client, uri: str, name: str, how: str, which: str):
 
 
 def cmd_card(args: argparse.Namespace) -> int:
+    import os
     import shutil
     import tempfile
     import webbrowser
@@ -138,6 +139,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 
     name, how, which = args.version
     uri = tracking.configure()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stdout is the card
     download = Path(tempfile.mkdtemp(prefix="iagn-card-"))
     with tracking.mlflow_errors(uri):
         version = _card_version(mlflow.MlflowClient(), uri, name, how, which).version
