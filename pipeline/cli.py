@@ -270,6 +270,18 @@ def _containers(args: argparse.Namespace, key: str, arguments: dict):
     return containers
 
 
+def share_cores(side_by_side: int) -> int | None:
+    """Give each of `side_by_side` local tasks its share of the cores (OMP_NUM_THREADS, read
+    when torch loads), unless the environment sets it. Measured on 2 cores: two demo trials
+    with 2 threads each trained stage 1 at 17-29 images/s each, one alone at 130. The share
+    given, or None."""
+    if side_by_side < 2 or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    threads = max(1, (os.cpu_count() or 1) // side_by_side)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return threads
+
+
 def _run_locally(
     args: argparse.Namespace,
     arguments: dict,
@@ -372,6 +384,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from pipeline.local import report
         from pipeline.sweep_dag import build_sweep_pipeline
 
+        threads = share_cores(min(args.parallelism, len(sweep.trials)))
+        if threads:
+            print(
+                f"iagn-pipeline: {threads} CPU threads per task (OMP_NUM_THREADS), so the "
+                "trials side by side share the cores instead of fighting over them"
+            )
         run = _run_locally(
             args,
             {**arguments, **sweep_arguments(sweep)},

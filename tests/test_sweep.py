@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -185,6 +186,20 @@ def test_the_best_trial_is_chosen_on_val_with_ties_to_the_earlier(tmp_path):
     assert "| t01 | 0.02 | 0.75 | 0.5 | **best** |" in markdown
     assert (tmp_path / "summary.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((tmp_path / "sweep.json").read_text()) == summary
+
+
+def test_local_trials_side_by_side_share_the_cores(monkeypatch):
+    from pipeline.cli import share_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert share_cores(1) is None and "OMP_NUM_THREADS" not in os.environ
+    assert share_cores(3) == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice stands
+    assert share_cores(2) is None and os.environ["OMP_NUM_THREADS"] == "4"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert share_cores(4) == 1
 
 
 def test_the_console_keeps_trials_side_by_side_apart(tmp_path):
