@@ -52,6 +52,7 @@ TAG_RECIPE = "iagn.recipe"
 # The promotion decision and why ("promoted: ...", "not promoted: ..."); "pending" while a
 # registration has created the version but not yet decided (a rerun finishes it).
 TAG_PROMOTION = "iagn.promotion"
+TAG_EVAL_DEVICE = "iagn.eval_device"  # where latency and throughput were measured
 TAG_COMPARED = "iagn.compared_with"  # the champion's version the decision compared with
 # Evaluation numbers copied to each version's tags: what `iagn models` shows and what the
 # champion comparison reads.

@@ -241,3 +241,33 @@ def test_the_registry_ui_shows_champion_and_challenger_and_opens_the_card(
         shot = tmp_path / "card.png"
         card_page.screenshot(path=str(shot))
     keep_screenshot(shot, CARD_SCREENSHOT_ENV)
+
+
+def test_speed_timed_on_other_hardware_is_not_compared(tmp_path):
+    from iagn.card.facts import CardFacts
+    from iagn.card.sections import comparison
+    from iagn.steps.register import Promote
+
+    def tags(top1: float, latency: float, device: str) -> dict[str, str]:
+        return {"top1": repr(top1), "latency_ms": repr(latency), "iagn.eval_device": device}
+
+    facts = CardFacts(
+        name="m",
+        version="2",
+        kind="student",
+        model_id=None,
+        decision="promoted: top1 0.9 beats the champion's 0.8",
+        version_tags=tags(0.9, 7.0, "CPU, 1 threads"),
+        checkpoint={},
+        params={},
+        metrics={},
+        eval_dir=tmp_path,
+        identity=[],
+        champion=("1", tags(0.8, 4.0, "CPU, 2 threads")),
+    )
+    text = to_markdown(comparison(facts, Promote()))
+    assert "| `top1` | 0.9 | 0.8 | +0.1 | better | decides (must beat) |" in text
+    assert "| `latency_ms` | 7 | 4 | +3 | not comparable |  |" in text
+    assert "timed on CPU, 1 threads, the champion on CPU, 2 threads." in text
+    facts.champion = ("1", tags(0.8, 4.0, "CPU, 1 threads"))
+    assert "| `latency_ms` | 7 | 4 | +3 | worse |  |" in to_markdown(comparison(facts, Promote()))

@@ -8,10 +8,11 @@ from typing import Any
 
 from iagn.card.document import Block, Bullets, Details, Heading, Image, Para, Table, cell
 from iagn.card.facts import SPREAD_METRICS, CardFacts
-from iagn.registry import VERSION_METRICS
+from iagn.registry import TAG_EVAL_DEVICE, VERSION_METRICS
 from iagn.steps.register import LOWER_IS_BETTER, Promote, metrics_from_tags
 
 WORST_CLASSES = 10
+SPEED_METRICS = ("latency_ms", "throughput_ips")
 Z95 = 1.96
 
 
@@ -68,6 +69,9 @@ def comparison(facts: CardFacts, promote: Promote) -> list[Block]:
     number, champion_tags = facts.champion
     ours = metrics_from_tags(facts.version_tags)
     theirs = metrics_from_tags(champion_tags)
+    here, there = facts.version_tags.get(TAG_EVAL_DEVICE), champion_tags.get(TAG_EVAL_DEVICE)
+    # Speed measured on other hardware (or thread counts) says nothing about the models.
+    other_device = here != there
     rows = []
     for name in VERSION_METRICS:
         if name not in ours or name not in theirs:
@@ -80,12 +84,23 @@ def comparison(facts: CardFacts, promote: Promote) -> list[Block]:
         elif name == promote.localization_metric:
             role = f"may lose at most {promote.localization_tolerance:g}"
         verdict = "=" if difference == 0 else ("better" if better else "worse")
+        if other_device and name in SPEED_METRICS:
+            verdict = "not comparable"
         rows.append((f"`{name}`", ours[name], theirs[name], f"{difference:+.4g}", verdict, role))
-    return [
+    blocks = [
         Heading(f"Compared with the champion (version {number})"),
         Para(f"At registration, against the champion then: {facts.decision}"),
         Table(("metric", "this version", f"champion v{number}", "difference", "", "rule"), rows),
     ]
+    if other_device:
+        blocks.append(
+            Para(
+                f"Latency and throughput are not comparable: this version was timed on "
+                f"{here or 'an unrecorded device'}, the champion on "
+                f"{there or 'an unrecorded device'}."
+            )
+        )
+    return blocks
 
 
 def _epochs(params: dict, stage: int) -> Any:

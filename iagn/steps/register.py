@@ -56,6 +56,7 @@ from iagn.registry import (
     LOCK_TIMEOUT_S,
     TAG_CHECKPOINT,
     TAG_COMPARED,
+    TAG_EVAL_DEVICE,
     TAG_EVAL_DIGEST,
     TAG_EVAL_SPLIT,
     TAG_KIND,
@@ -260,6 +261,8 @@ def version_tags(candidate: Candidate, pipeline_run_id: str | None) -> dict[str,
     if digest:
         tags[TAG_EVAL_DIGEST] = str(digest)
         tags[TAG_EVAL_SPLIT] = str(metrics.get("split") or "test")
+    if metrics.get("device"):
+        tags[TAG_EVAL_DEVICE] = str(metrics["device"])
     if candidate.weights_sha256:
         tags[TAG_WEIGHTS] = candidate.weights_sha256
     if pipeline_run_id:
