@@ -77,6 +77,11 @@ RUN = {
     "dvc plots diff HEAD",
     "iagn remote push",
     "iagn-pipeline compile -o iagn_pipeline.yaml",
+    "iagn-pipeline sweep --grid stage3.epochs=4,8 --grid train.lr_head=0.01,0.02 -o "
+    "iagn_sweep.yaml",
+    # after the `iagn register` above: its champion, version 1, has a card
+    "iagn models card iagn@champion",
+    "iagn models card iagn/1 --out card/",
     "iagn-pipeline compile -o gpu.yaml --gpu --accelerator nvidia.com/gpu --gpus 1 "
     "--node-selector cloud.google.com/gke-accelerator=nvidia-tesla-a100",
     "export IAGN_IMAGE=registry.example.com/ml/iagn:0.1.0",
@@ -116,6 +121,25 @@ SKIPPED = {
     "dvc exp run -S stage3.epochs=3 -S train.kd_alpha=0.3": "retrains every stage and the "
     "student (minutes); tests/test_dvc_pipeline.py runs `dvc exp run -S` on the smoke "
     "configuration",
+    "iagn models card iagn@challenger --open": "opens a web browser; the same download as "
+    "the two card commands run above",
+    # DVC's queue: minutes of training per experiment.
+    "dvc exp run --queue -S distill.lr=0.01 --name lr-low": "queued trainings (minutes); "
+    "tests/test_dvc_sweep.py queues and runs two on the smoke configuration",
+    "dvc exp run --queue -S distill.lr=0.05 -S stage3.epochs=2 --name lr-high": "as above",
+    "dvc queue start -j 2": "as above",
+    "dvc queue status": "as above",
+    "dvc queue logs lr-high": "as above",
+    "dvc exp show --drop '.*' --keep "
+    "'Experiment|State|distill.lr|stage3.epochs|build/eval/.*/metrics.json:top1$'": "as above",
+    "dvc exp apply lr-high": "as above",
+    # Sweeps on KFP: a cluster, or minutes of training.
+    "iagn-pipeline sweep --random 8 --dist 'train.lr_head=loguniform(0.001,0.1)' --dist "
+    "'distill.kd_alpha=uniform(0.5,0.9)' --dist 'stage3.epochs=int(4,8)' --seed 1 "
+    "--parallelism 4 --host http://localhost:8080": "needs a KFP cluster; tests/test_sweep.py "
+    "submits a sweep to a double of the KFP REST API",
+    "iagn-pipeline sweep --grid train.lr_head=0.01,0.05 --local": "trains two trials (minutes); "
+    "tests/test_sweep.py runs a local sweep on the smoke configuration",
     # Kubeflow Pipelines: a cluster.
     "iagn-pipeline submit --host http://localhost:8080 --experiment iagn --param "
     "data_repo=https://github.com/acme/iagn.git --param data_rev=v1.2 --param "
