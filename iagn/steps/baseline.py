@@ -7,7 +7,7 @@ so `iagn evaluate` reads it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from iagn.train.calibrated import finish_calibrated
 from iagn.train.config import serve_settings, stage_config
 from iagn.train.data import prepare_step_data
 from iagn.train.distributed import init_runtime
+from iagn.train.durable import step_uri
 from iagn.train.loop import run_loop, seed_everything, standard_spec
 
 
@@ -58,10 +59,11 @@ def run(
             "kind": "student",
             "stage": None,
             "model_config": model_cfg.to_dict(),
-            "train_config": {**asdict(config), "epochs": epochs, "baseline": True},
+            "train_config": {**config.recorded(), "epochs": epochs, "baseline": True},
             "data": prepared.identity(),
         },
         description="baseline",
+        checkpoint_uri=step_uri(config.checkpoint_uri, "baseline"),
     )
     result = run_loop(spec, Path(out), runtime, quiet=quiet)
     finished = finish_calibrated(model, result, Path(out), runtime, prepared, config, serve)

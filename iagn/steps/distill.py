@@ -30,9 +30,10 @@ from iagn.models.load import model_from_checkpoint
 from iagn.models.student import Student, StudentConfig
 from iagn.precision import resolve_precision
 from iagn.train.calibrated import finish_calibrated
-from iagn.train.config import distill_config, serve_settings
+from iagn.train.config import checkpoint_uri, distill_config, serve_settings
 from iagn.train.data import prepare_step_data
 from iagn.train.distributed import Runtime, init_runtime
+from iagn.train.durable import step_uri
 from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.losses import attention_transfer_loss, kd_loss
 
@@ -128,6 +129,7 @@ def run(
             "data": teacher_ckpt["data"],
         },
         description="distill",
+        checkpoint_uri=step_uri(checkpoint_uri(params), "distill"),
         callbacks=callbacks or [],
     )
     result = run_loop(spec, Path(out), runtime, quiet=quiet)

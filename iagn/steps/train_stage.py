@@ -12,7 +12,6 @@ heads and the fused head at `lr_head` (heads of later stages receive no loss yet
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from iagn.train.config import (
 )
 from iagn.train.data import PreparedData, prepare_step_data
 from iagn.train.distributed import Runtime, init_runtime
+from iagn.train.durable import step_uri
 from iagn.train.loop import run_loop, seed_everything, standard_spec
 from iagn.train.stage_step import ActiveHeads, stage_step
 
@@ -89,7 +89,7 @@ def run(
     precision = resolve_precision(config.precision, runtime.device)
     out = Path(out)
     train_config = {
-        **asdict(config),
+        **config.recorded(),
         "precision_resolved": precision,
         "world_size": runtime.world_size,  # a resumed run must split the data the same way
     }
@@ -123,6 +123,7 @@ def run(
         },
         validate_view=lambda trained: ActiveHeads(trained, stage),
         description=f"stage {stage}",
+        checkpoint_uri=step_uri(config.checkpoint_uri, f"stage{stage}"),
         ddp_find_unused=stage < 3,  # heads of later stages get no loss yet
         callbacks=callbacks or [],
     )

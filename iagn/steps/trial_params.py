@@ -45,6 +45,11 @@ def apply_trial(
     settings = apply_overrides(copy.deepcopy(dict(params)), dict(overrides))
     settings.setdefault("evaluate", {})["split"] = TRIAL_SPLIT
     applied = {key: _lookup(settings, key) for key in overrides}
+    uri = settings.get("train", {}).get("checkpoint_uri")
+    if uri:
+        # Trials run side by side with other configurations: each its own checkpoint prefix
+        # (one shared prefix would refuse every trial but the first, iagn/train/durable.py).
+        settings["train"]["checkpoint_uri"] = f"{uri.rstrip('/')}/{sweep_id}/{name}"
     settings[SECTION] = {"id": sweep_id, "trial": name, "overrides": applied}
     return settings
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from iagn.data.images import DEFAULT_MAX_PIXELS
 from iagn.errors import IagnError
@@ -12,6 +13,43 @@ from iagn.evaluation.serving_config import ServeSettings
 from iagn.models.iagn import POOLINGS, ModelConfig
 from iagn.models.student import OUTPUT_STRIDES
 from iagn.params import section
+from iagn.redact import scrub_uri
+
+# Query parameters that carry secrets (presigned URLs, SAS tokens).
+_SECRET_QUERY = ("key", "secret", "token", "signature", "credential", "password")
+
+
+def check_uri(value: Any, where: str) -> None:
+    """A usable checkpoint URI (or None): a URL with a known scheme and no credentials."""
+    if value is None:
+        return
+    if not isinstance(value, str) or "://" not in value:
+        shown = "a value with @ (not shown)" if "@" in str(value) else repr(value)
+        raise IagnError(
+            f"params.yaml {where}.checkpoint_uri must be a URL such as s3://bucket/path (or "
+            f"file:///mnt/volume/path for a mounted volume), or null; got {shown}"
+        )
+    parts = urlsplit(value)
+    secret_query = any(
+        any(word in name.lower() for word in _SECRET_QUERY) for name, _ in parse_qsl(parts.query)
+    )
+    if "@" in parts.netloc or secret_query:
+        # Params are logged to MLflow and printed: the URI must not carry the secret.
+        raise IagnError(
+            f"params.yaml {where}.checkpoint_uri holds credentials ({scrub_uri(value)} with "
+            "user info or a token); remove them and give them in the environment instead "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, on Kubernetes from a secret): params "
+            "are logged to MLflow"
+        )
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(parts.scheme)
+    except (ImportError, ValueError) as exc:
+        raise IagnError(
+            f"params.yaml {where}.checkpoint_uri: no filesystem for {parts.scheme}:// ({exc}); "
+            "use s3:// (s3fs is installed) or install the fsspec package for that scheme"
+        ) from None
 
 
 def from_mapping(cls, values: dict[str, Any], where: str):
@@ -81,8 +119,18 @@ class StageConfig:
     attention_drop: bool = False
     drop_threshold: float = 0.6
     num_workers: int = 0
+    # Where every epoch's checkpoint is also uploaded (iagn/train/durable.py); None: local only
+    checkpoint_uri: str | None = None
+
+    def recorded(self) -> dict:
+        """The config a checkpoint records (its resume identity): all but checkpoint_uri,
+        which says where copies go, not how the model trains (a moved prefix resumes)."""
+        values = asdict(self)
+        values.pop("checkpoint_uri")
+        return values
 
     def check(self) -> None:
+        check_uri(self.checkpoint_uri, f"train/stage{self.stage}")
         if self.stage not in (1, 2, 3):
             raise IagnError(f"--stage must be 1, 2 or 3, got {self.stage}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -167,6 +215,14 @@ def distill_config(params: dict) -> DistillConfig:
     config = from_mapping(DistillConfig, section(params, "distill"), "distill")
     config.check()
     return config
+
+
+def checkpoint_uri(params: dict) -> str | None:
+    """`train.checkpoint_uri`: distill takes it from `train` too (one key for the pipeline;
+    each step gets its own prefix under it, iagn/train/durable.py)."""
+    uri = section(params, "train").get("checkpoint_uri")
+    check_uri(uri, "train")
+    return uri
 
 
 def resolve_data_dir(data: str | Path | None, config: DataConfig) -> Path:

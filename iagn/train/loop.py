@@ -22,6 +22,10 @@ far (the batch reached, each rank's RNG states, step generator and running loss 
 `Preempted` exits with EXIT_PREEMPTED (143). The rerun skips the batches already done, never
 loading them, and ends bit-identical to an uninterrupted run on CPU (tests/test_preemption.py;
 with num_workers > 0 the remaining images get other random augmentations).
+
+With `train.checkpoint_uri` (iagn/train/durable.py) the main rank also uploads each partial
+save (epoch ends, the SIGTERM save) and the finished model there, and a run without a local
+partial (a fresh pod) first fetches it: checked before any model work.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from iagn.train.distributed import (
     barrier,
     gather_to_main,
 )
+from iagn.train.durable import FINISHED, PARTIAL, Mirror, fingerprint
 from iagn.train.schedule import warmup_cosine
 
 StepFn = Callable[[torch.nn.Module, dict, torch.Generator], tuple[torch.Tensor, dict[str, float]]]
@@ -82,6 +87,8 @@ class LoopSpec:
     payload: Callable[[], dict]  # what the checkpoint adds: kind, configs, data identity
     description: str = "train"
     ddp_find_unused: bool = False  # True when some parameters get no loss (early stages)
+    # This step's prefix under train.checkpoint_uri: checkpoints are mirrored there too
+    checkpoint_uri: str | None = None
     # After each epoch, with (epoch, record); a callback that raises stops the run cleanly.
     callbacks: list[Callable[[int, dict], None]] = field(default_factory=list)
 
@@ -199,6 +206,9 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
     progress up to that batch, and `Preempted` (exit code EXIT_PREEMPTED) is raised; the same
     command resumes at the next batch.
     """
+    partial = partial_path(out)
+    # Before any model work: an unusable URI or another run's checkpoint stops here.
+    mirror = _prepare_mirror(spec, partial, runtime)
     device = runtime.device
     model = spec.model.to(device)
     if spec.channels_last:
@@ -214,7 +224,6 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
     )
     scaler = grad_scaler(spec.precision, device)
     start_epoch, step, history = 0, 0, []
-    partial = partial_path(out)
     resumed = _resume_state(partial, spec)
     mid_epoch = None  # the per-rank state of an epoch stopped part-way (SIGTERM)
     saved: tuple[int, int] | None = None  # (epochs, batches) that `partial` holds
@@ -342,6 +351,8 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
                 if runtime.is_main:
                     mid = {"batch": done, "seconds": elapsed, "ranks": ranks}
                     save_checkpoint(partial, {**state(epoch), "mid_epoch": mid})
+                    if mirror and mirror.mirror(partial, PARTIAL, epoch, done):
+                        print(f"uploaded {partial} to {mirror.shown}/{PARTIAL}", file=sys.stderr)
                 barrier(runtime)
                 raise _preempted(epoch + 1, done, partial, runtime)
             record = {k: all_reduce_mean(v / max(1, seen), runtime) for k, v in sums.items()}
@@ -357,6 +368,8 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             history.append(record)
             if runtime.is_main:
                 save_checkpoint(partial, state(epoch + 1))
+                if mirror:
+                    mirror.mirror(partial, PARTIAL, epoch + 1)
             saved = (epoch + 1, 0)
             barrier(runtime)
             if runtime.is_main and not quiet:
@@ -370,7 +383,25 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             # A SIGTERM during validation: the finished epoch is saved, stop here.
             if any_rank([stop.requested], runtime)[0]:
                 raise _preempted(epoch + 1, batches, partial, runtime)
-    return {"history": history, "steps": step, "state": state(spec.epochs)}
+    return {"history": history, "steps": step, "state": state(spec.epochs), "mirror": mirror}
+
+
+def _prepare_mirror(spec: LoopSpec, partial: Path, runtime: Runtime) -> Mirror | None:
+    """The step's Mirror (None without a URI), checked and the remote partial fetched by the
+    main rank; every rank raises together if that failed."""
+    if not spec.checkpoint_uri:
+        return None
+    mirror = Mirror(spec.checkpoint_uri, fingerprint(spec.payload(), RESUME_IDENTITY))
+    error = None
+    if runtime.is_main:
+        try:
+            mirror.prepare(partial)
+        except IagnError as exc:
+            error = exc
+    if any_rank([error is not None], runtime)[0]:
+        raise error or IagnError(f"rank 0 could not use {mirror.shown}; see its error")
+    barrier(runtime)  # the fetched partial is in place before any rank reads it
+    return mirror
 
 
 class _StopOnSigterm:
@@ -489,6 +520,10 @@ def finish_run(
             write_json_atomic(history_path(out), history)
             write_json_atomic(metrics_path(out), history[-1])
         partial_path(out).unlink(missing_ok=True)
+        mirror = result.get("mirror")
+        # The partial is dropped remotely only once the finished checkpoint is up.
+        if mirror and mirror.mirror(out, FINISHED, result["state"]["epoch"]):
+            mirror.drop_partial()
     barrier(runtime)
     return history
 
