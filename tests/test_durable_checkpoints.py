@@ -36,6 +36,7 @@ from iagn.io import sha256_file
 from iagn.steps import train_stage
 from iagn.steps.trial_params import apply_trial
 from iagn.train.config import stage_config
+from iagn.train.durable import Mirror
 
 PREFIX = "run"  # train.checkpoint_uri = s3://<bucket>/run; stage 1 lands in run/stage1/
 
@@ -136,6 +137,43 @@ def test_each_epoch_and_the_finished_checkpoint_are_uploaded(s3, tiny_synth, tmp
     assert "checkpoint_uri" not in load_checkpoint(out)["train_config"]
 
 
+def test_a_rerun_after_a_finished_run_trains_nothing(s3, tiny_synth, tmp_path, monkeypatch):
+    params = with_uri(tiny_params(tiny_synth, epochs=2), uri_of(s3))
+    train_stage.run(1, None, params, tmp_path / "pod1" / "s1.pt", device="cpu", quiet=True)
+    calls = count_steps(monkeypatch)
+    out = tmp_path / "pod2" / "s1.pt"  # a KFP retry after the step had finished training
+    train_stage.run(1, None, params, out, device="cpu", quiet=True)
+    assert calls["n"] == 0 and load_checkpoint(out)["complete"]
+
+
+def test_a_failed_upload_is_a_warning_and_training_goes_on(
+    s3, tiny_synth, tmp_path, monkeypatch, capsys
+):
+    real, failures = Mirror.upload, {"left": 1}
+
+    def flaky(self, *args, **kwargs):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise IagnError("could not upload (an S3 hiccup)")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Mirror, "upload", flaky)
+    params = with_uri(tiny_params(tiny_synth, epochs=2), uri_of(s3))
+    out = tmp_path / "s1.pt"
+    train_stage.run(1, None, params, out, device="cpu", quiet=True)
+    assert "warning: could not upload (an S3 hiccup)" in capsys.readouterr().err
+    assert marker(s3, "checkpoint.pt")["sha256"] == sha256_file(out)
+
+
+@pytest.mark.fault(
+    "SIGTERM during training with `train.checkpoint_uri` set (a preempted pod, KFP retries on "
+    "a fresh one)",
+    sees="exit code 143 after `uploaded out/s1.pt.partial to s3://.../stage1/partial.pt`; the "
+    "rerun on an empty disk prints `fetched s3://.../stage1/partial.pt (in epoch E, batch B)` "
+    "and `resuming ...`",
+    kept="the partial in S3 (bytes, then its sha256 marker); the rerun ends bit for bit as an "
+    "uninterrupted run",
+)
 def test_sigterm_uploads_the_partial_and_a_fresh_pod_resumes_from_s3(
     s3, tiny_synth, tmp_path, straight
 ):
@@ -169,6 +207,15 @@ def test_sigterm_uploads_the_partial_and_a_fresh_pod_resumes_from_s3(
     assert not [key for key in objects(s3) if key.startswith(f"{PREFIX}/stage1/partial.pt")]
 
 
+@pytest.mark.fault(
+    "SIGTERM during training with `train.checkpoint_uri` set (a preempted pod, KFP retries on "
+    "a fresh one)",
+    sees="exit code 143 after `uploaded out/s1.pt.partial to s3://.../stage1/partial.pt`; the "
+    "rerun on an empty disk prints `fetched s3://.../stage1/partial.pt (in epoch E, batch B)` "
+    "and `resuming ...`",
+    kept="the partial in S3 (bytes, then its sha256 marker); the rerun ends bit for bit as an "
+    "uninterrupted run",
+)
 def test_a_mid_epoch_sigterm_save_reaches_s3_and_resumes_bit_identical(
     s3, tiny_synth, tmp_path, monkeypatch, capsys, straight
 ):
@@ -202,6 +249,13 @@ def test_a_mid_epoch_sigterm_save_reaches_s3_and_resumes_bit_identical(
     assert_same_training(load_checkpoint(fresh), straight)
 
 
+@pytest.mark.fault(
+    "a half-uploaded checkpoint at `train.checkpoint_uri` (bytes without their marker, or "
+    "bytes that do not match it)",
+    sees="`warning: ... does not match its marker ...; not trusted, starting without it` "
+    "(or nothing: an object without a marker is never read); the step trains from scratch",
+    kept="`--out` and the local partial untouched until the new run writes them",
+)
 @pytest.mark.parametrize("damage", ["truncated", "no marker"])
 def test_a_half_uploaded_object_is_never_resumed_from(
     s3, tiny_synth, tmp_path, capsys, monkeypatch, damage
@@ -230,6 +284,13 @@ def test_a_half_uploaded_object_is_never_resumed_from(
     assert finished["step"] == calls["n"]
 
 
+@pytest.mark.fault(
+    "a `train.checkpoint_uri` that holds another configuration's checkpoint",
+    sees="exit 2 before training: `checkpoint URI s3://.../stage1 already holds partial.pt "
+    "(epoch E) of another configuration ...; it was left untouched and nothing was trained. "
+    "Use another train.checkpoint_uri ...`",
+    kept="the remote checkpoint, byte for byte; local files",
+)
 def test_a_uri_holding_another_configurations_partial_is_refused(
     s3, tiny_synth, tmp_path, monkeypatch
 ):
@@ -250,6 +311,14 @@ def test_a_uri_holding_another_configurations_partial_is_refused(
     assert not out.parent.exists() or not any(out.parent.iterdir())
 
 
+@pytest.mark.fault(
+    "an unusable `train.checkpoint_uri` (connection refused, missing bucket, no credentials, "
+    "read-only credentials)",
+    sees="exit 2 within seconds, before training: `checkpoint URI s3://.../stage1: could not "
+    "read and write it: cannot connect to the storage server ... / the bucket does not exist "
+    "... / no credentials; set AWS_ACCESS_KEY_ID ... / access denied ...`",
+    kept="`--out` and `<out>.partial` as they were; nothing written remotely",
+)
 @pytest.mark.parametrize(
     "case", ["connection refused", "missing bucket", "no credentials", "read-only"]
 )
@@ -296,6 +365,12 @@ async def _denied(self, path, data, **kwargs):
     raise PermissionError(f"AccessDenied: PutObject on {path}")
 
 
+@pytest.mark.fault(
+    "credentials inside `train.checkpoint_uri` (`s3://KEY:SECRET@...`, a signed query)",
+    sees="exit 2: `params.yaml train/stage1.checkpoint_uri holds credentials (s3://bucket/run "
+    "...); remove them and give them in the environment instead ...`; the secret is not shown",
+    kept="everything: nothing runs, nothing is logged",
+)
 @pytest.mark.parametrize(
     "uri",
     [
