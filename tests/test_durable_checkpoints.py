@@ -26,6 +26,7 @@ from test_preemption import (
     preempt_params,
     sigterm_after_first_epoch,
     start,
+    straight,
 )
 from test_training import tiny_params
 
@@ -37,6 +38,8 @@ from iagn.steps import train_stage
 from iagn.steps.trial_params import apply_trial
 from iagn.train.config import stage_config
 from iagn.train.durable import Mirror
+
+__all__ = ["straight"]  # the uninterrupted run (no URI) a resumed one must end equal to
 
 PREFIX = "run"  # train.checkpoint_uri = s3://<bucket>/run; stage 1 lands in run/stage1/
 
@@ -100,15 +103,6 @@ def partial_in_s3(params: dict, out: Path) -> None:
         train_stage.run(
             1, None, params, out, device="cpu", quiet=True, callbacks=[stop_after_first_epoch]
         )
-
-
-@pytest.fixture(scope="module")
-def straight(tiny_synth: Path, tmp_path_factory) -> dict:
-    """The uninterrupted run (no URI) a resumed one must end equal to."""
-    out = tmp_path_factory.mktemp("straight") / "s1.pt"
-    with one_thread():
-        train_stage.run(1, None, preempt_params(tiny_synth), out, device="cpu", quiet=True)
-    return load_checkpoint(out)
 
 
 def test_each_epoch_and_the_finished_checkpoint_are_uploaded(s3, tiny_synth, tmp_path):
