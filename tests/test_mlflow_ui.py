@@ -75,18 +75,27 @@ def chromium():
             browser.close()
 
 
+def open_compare_view(browser, server_url: str, run_ids: list[str], experiment: str, height: int):
+    """A page on MLflow's compare view of `run_ids`, once the UI has shown it."""
+    from playwright.sync_api import expect
+
+    page = browser.new_page(viewport={"width": 1400, "height": height})
+    page.goto(
+        f"{server_url}/#/compare-runs?runs={json.dumps(run_ids)}"
+        f"&experiments={json.dumps([experiment])}"
+    )
+    expect(page.get_by_text(f"Comparing {len(run_ids)} Runs from 1 Experiment")).to_be_visible(
+        timeout=60_000
+    )
+    return page
+
+
 def test_compare_two_runs_in_the_ui(mlflow_server, two_runs, tmp_path):
     from playwright.sync_api import expect
 
     experiment, run_ids = two_runs
-    url = (
-        f"{mlflow_server.url}/#/compare-runs?runs={json.dumps(run_ids)}"
-        f"&experiments={json.dumps([experiment])}"
-    )
     with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1900})
-        page.goto(url)
-        expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible(timeout=60_000)
+        page = open_compare_view(browser, mlflow_server.url, run_ids, experiment, 1900)
         body = page.locator("body")
         for run_id in run_ids:
             expect(body).to_contain_text(run_id)

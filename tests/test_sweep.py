@@ -439,7 +439,7 @@ def test_the_sweeps_trials_compare_in_the_mlflow_ui(local_sweep, mlflow_server, 
     """What a person does after a sweep: open the parent's trial runs in MLflow's compare
     view and read the swept param against the validation metric."""
     from playwright.sync_api import expect
-    from test_mlflow_ui import chromium, keep_screenshot
+    from test_mlflow_ui import chromium, keep_screenshot, open_compare_view
 
     client = mlflow_server.client()
     experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -449,14 +449,8 @@ def test_the_sweeps_trials_compare_in_the_mlflow_ui(local_sweep, mlflow_server, 
     by_trial = {r.data.tags["iagn.sweep_trial"]: r for r in trials}
     assert sorted(by_trial) == ["t00", "t01"]
     ids = [by_trial[t].info.run_id for t in sorted(by_trial)]
-    url = (
-        f"{mlflow_server.url}/#/compare-runs?runs={json.dumps(ids)}"
-        f"&experiments={json.dumps([experiment])}"
-    )
     with chromium() as browser:
-        page = browser.new_page(viewport={"width": 1400, "height": 1500})
-        page.goto(url)
-        expect(page.get_by_text("Comparing 2 Runs from 1 Experiment")).to_be_visible(timeout=60_000)
+        page = open_compare_view(browser, mlflow_server.url, ids, experiment, 1500)
         body = page.locator("body")
         for trial in by_trial.values():
             expect(body).to_contain_text(trial.info.run_name)  # "t00 train.lr_head=0.01"
