@@ -15,6 +15,11 @@ def distill(
     experiment: str,
     student: Output[Model],
     metrics: Output[Metrics],
+    nodes: int = 0,
+    gpus: int = 0,
+    accelerator: str = "",
+    image: str = "",
+    secret: str = "",
 ):
     """Distill the stage-3 teacher into the single-head student that is served.
 
@@ -26,11 +31,19 @@ def distill(
         experiment: MLflow experiment ("" = $MLFLOW_EXPERIMENT_NAME, else iagn).
         student: The student checkpoint.
         metrics: The last epoch's loss and validation accuracy.
+        nodes: Nodes of a Kubeflow Trainer TrainJob (0: params distributed.nodes).
+        gpus: GPUs of this task, or of each node: one process per GPU under torchrun (0:
+            params distributed.procs_per_node).
+        accelerator: The GPUs' resource name, for a TrainJob's resources per node.
+        image: The image a TrainJob runs (the pipeline's).
+        secret: The Kubernetes secret a TrainJob's pods read credentials from.
     """
     from components.runtime import (
         configure_step,
         log_metrics,
         readable_errors,
+        run_training,
+        scaled_params,
         step_params,
         sweep_metadata,
     )
@@ -38,15 +51,33 @@ def distill(
 
     with readable_errors():
         configure_step(tracking_uri, experiment, dataset.metadata)
-        settings = step_params(params.path, None)
-        result = runner.distill(
-            teacher=teacher.path,
-            data=dataset.path,
-            params=settings,
-            out=student.path,
-            quiet=False,  # an epoch line per epoch in the task's log: progress in the KFP UI
+        settings = scaled_params(step_params(params.path, None), nodes, gpus, accelerator)
+        last_epoch = run_training(
+            "distill",
+            [
+                "distill",
+                "--teacher",
+                "{teacher}",
+                "--data",
+                "{dataset}",
+                "--params",
+                "{params}",
+                "--out",
+                "{out}",
+            ],
+            {"teacher": teacher.path, "dataset": dataset.path, "out": student.path},
+            settings,
+            here=lambda: runner.distill(
+                teacher=teacher.path,
+                data=dataset.path,
+                params=settings,
+                out=student.path,
+                quiet=False,  # an epoch line per epoch in the task's log: progress in the KFP UI
+            ),
+            image=image,
+            secret=secret,
         )
-    log_metrics(metrics, result["metrics"])
+    log_metrics(metrics, last_epoch)
     student.metadata.update({"framework": "pytorch", "kind": "student"})
     student.metadata.update(sweep_metadata(settings))  # a sweep's trial: pick-best pairs by it
-    print(f"student: val accuracy {result['metrics'].get('val_acc', float('nan')):.3f}")
+    print(f"student: val accuracy {last_epoch.get('val_acc', float('nan')):.3f}")

@@ -82,6 +82,115 @@ def by_trial(artifacts: list, what: str, order: list[str] | None = None) -> dict
     return {trial: found[trial] for trial in expected}
 
 
+# --- scale: one process, torchrun in this pod, or a Kubeflow Trainer TrainJob --------------
+
+
+def scaled_params(
+    settings: dict[str, Any], nodes: int = 0, gpus: int = 0, accelerator: str = ""
+) -> dict[str, Any]:
+    """The run's params with the task's scale inputs (0: params.yaml decides) written into
+    `distributed:`, so that the step's MLflow run records the scale it ran at."""
+    from iagn.params import apply_overrides
+
+    overrides: dict[str, Any] = {}
+    if nodes > 0:
+        overrides["distributed.nodes"] = nodes
+    if gpus > 0:  # this pod's GPUs, or each node's: one process per GPU
+        overrides["distributed.procs_per_node"] = gpus
+        if accelerator and nodes > 1:
+            overrides[f"distributed.resources_per_node.{accelerator}"] = gpus
+    settings.setdefault("distributed", {})
+    return apply_overrides(settings, overrides)
+
+
+def run_training(
+    step: str,
+    command: list[str],
+    files: Mapping[str, str | None],
+    settings: dict[str, Any],
+    here: Any,
+    image: str = "",
+    secret: str = "",
+) -> dict[str, Any]:
+    """Run a training step at the scale `settings` ask for; its last epoch's metrics.
+
+    `command` is the `iagn` command line of the step, its file arguments `{name}` for the
+    paths in `files` (`out`: the checkpoint written; None: left out with its flag) plus
+    `{params}`; `here()` runs the step in this process instead (one process, as always).
+    """
+    import tempfile
+
+    import yaml
+
+    from iagn.errors import IagnError
+    from iagn.train.loop import metrics_path
+    from iagn.train.scale import run_under_torchrun, scale_from_params
+
+    scale = scale_from_params(settings)
+    if scale.world_size == 1:
+        return here()["metrics"]
+    out = Path(str(files["out"]))
+    with tempfile.TemporaryDirectory(prefix="iagn-params-") as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        params_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+        paths = {name: path for name, path in files.items() if path is not None}
+        paths["params"] = str(params_file)
+        argv = _fill(command, paths)
+        if scale.on_trainer:
+            from iagn.trainjob import run_on_trainer
+
+            if not image:
+                raise IagnError(
+                    f"distributed.nodes is {scale.nodes}, but this pipeline was compiled for "
+                    "one node: compile it with `iagn-pipeline compile --nodes N` so that its "
+                    "training tasks know the image and secret a TrainJob runs with"
+                )
+            storage = scale.storage_uri or (settings.get("train") or {}).get("checkpoint_uri")
+            if not storage:
+                raise IagnError(
+                    "a TrainJob's inputs and outputs travel through durable storage: set "
+                    "distributed.storage_uri (or train.checkpoint_uri) to an s3:// URI or a "
+                    "volume every node mounts"
+                )
+            inputs = {name: Path(p) for name, p in paths.items() if name != "out"}
+            run_on_trainer(
+                step=_job_step(step, settings),
+                argv=_fill(command, {name: "{" + name + "}" for name in paths}),
+                inputs=inputs,
+                outputs={"out": out},
+                scale=scale,
+                image=image,
+                secret=secret,
+                storage_uri=str(storage),
+            )
+        else:
+            code = run_under_torchrun(scale, argv)
+            if code != 0:
+                raise SystemExit(code)  # 143 after SIGTERM: KFP's retry resumes
+    return read_json(metrics_path(out))
+
+
+def _fill(command: list[str], paths: Mapping[str, str]) -> list[str]:
+    """`command` with each `{name}` argument replaced by its path; a flag whose file is
+    absent (no init for stage 1) is left out with it."""
+    argv: list[str] = []
+    for arg in command:
+        if arg.startswith("{") and arg.endswith("}"):
+            name = arg[1:-1]
+            if name not in paths:
+                argv.pop()  # the flag before it
+                continue
+            arg = paths[name]
+        argv.append(arg)
+    return argv
+
+
+def _job_step(step: str, settings: Mapping[str, Any]) -> str:
+    """The step's name within the KFP run: a sweep's trials each train every stage."""
+    trial = (settings.get("sweep") or {}).get("trial")
+    return f"{trial}-{step}" if trial else step
+
+
 # --- environment: tracking and the pipeline run ---------------------------------------------
 
 

@@ -16,6 +16,11 @@ def train_stage(
     model: Output[Model],
     metrics: Output[Metrics],
     init: Input[Model] = None,
+    nodes: int = 0,
+    gpus: int = 0,
+    accelerator: str = "",
+    image: str = "",
+    secret: str = "",
 ):
     """Train stage `stage` of the IAGN teacher from the previous stage's checkpoint.
 
@@ -28,11 +33,19 @@ def train_stage(
         model: The checkpoint (model, optimizer, history, data identity).
         metrics: The last epoch's loss and validation accuracies.
         init: The checkpoint of stage `stage - 1` (none for stage 1).
+        nodes: Nodes of a Kubeflow Trainer TrainJob (0: params distributed.nodes).
+        gpus: GPUs of this task, or of each node: one process per GPU under torchrun (0:
+            params distributed.procs_per_node).
+        accelerator: The GPUs' resource name, for a TrainJob's resources per node.
+        image: The image a TrainJob runs (the pipeline's).
+        secret: The Kubernetes secret a TrainJob's pods read credentials from.
     """
     from components.runtime import (
         configure_step,
         log_metrics,
         readable_errors,
+        run_training,
+        scaled_params,
         step_params,
         sweep_metadata,
     )
@@ -40,16 +53,26 @@ def train_stage(
 
     with readable_errors():
         configure_step(tracking_uri, experiment, dataset.metadata)
-        settings = step_params(params.path, None)
-        result = runner.train_stage(
-            stage=stage,
-            data=dataset.path,
-            params=settings,
-            out=model.path,
-            init=init.path if init is not None else None,
-            quiet=False,  # an epoch line per epoch in the task's log: progress in the KFP UI
+        settings = scaled_params(step_params(params.path, None), nodes, gpus, accelerator)
+        init_path = init.path if init is not None else None
+        last_epoch = run_training(
+            f"stage{stage}",
+            f"train-stage --stage {stage} --data {{dataset}} --params {{params}} "
+            "--init {init} --out {out}".split(),
+            {"dataset": dataset.path, "init": init_path, "out": model.path},
+            settings,
+            here=lambda: runner.train_stage(
+                stage=stage,
+                data=dataset.path,
+                params=settings,
+                out=model.path,
+                init=init_path,
+                quiet=False,  # an epoch line per epoch in the task's log: progress in the KFP UI
+            ),
+            image=image,
+            secret=secret,
         )
-    log_metrics(metrics, result["metrics"])
+    log_metrics(metrics, last_epoch)
     model.metadata.update({"framework": "pytorch", "kind": "teacher", "stage": stage})
     model.metadata.update(sweep_metadata(settings))  # a sweep's trial: pick-best pairs by it
-    print(f"stage {stage}: val accuracy {result['metrics'].get('val_acc', float('nan')):.3f}")
+    print(f"stage {stage}: val accuracy {last_epoch.get('val_acc', float('nan')):.3f}")

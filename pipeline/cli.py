@@ -72,7 +72,21 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
         help="accelerator resource name, e.g. nvidia.com/gpu, amd.com/gpu (pick a GPU model "
         "with --node-selector, e.g. cloud.google.com/gke-accelerator=nvidia-tesla-a100)",
     )
-    group.add_argument("--gpus", type=int, default=1, help="accelerators per GPU step")
+    group.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="accelerators per GPU step, or per node with --nodes; a step given more than one "
+        "runs under torchrun with one process per GPU",
+    )
+    group.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="nodes per training and distillation step (runtime parameter nodes); more than "
+        'one runs each as a Kubeflow Trainer TrainJob (README "Training on several GPUs and '
+        'nodes")',
+    )
     group.add_argument(
         "--secret",
         default="iagn-credentials",
@@ -108,8 +122,13 @@ def _options(args: argparse.Namespace, retries: bool = True):
     from components.runtime import has_credentials
     from pipeline.dag import CompileOptions
 
-    if args.gpus < 0:
-        raise IagnError("--gpus must be 0 or more")
+    if args.gpus < 1:
+        raise IagnError(
+            f"--gpus must be 1 or more (GPUs per training step, or per node), got {args.gpus}; "
+            "leave out --gpu for steps without a GPU"
+        )
+    if args.nodes < 1:
+        raise IagnError(f"--nodes must be 1 or more, got {args.nodes}")
     if has_credentials(args.tracking_uri):
         raise IagnError(
             "--tracking-uri carries credentials, which would be readable in the compiled "
@@ -120,6 +139,7 @@ def _options(args: argparse.Namespace, retries: bool = True):
         gpu=args.gpu,
         accelerator=args.accelerator,
         gpus=args.gpus,
+        nodes=args.nodes,
         secret=args.secret,
         node_selector=dict(args.node_selector),
         tolerations=list(args.toleration),
@@ -144,7 +164,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     _set_image(args.image)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     compile_pipeline(args.output, options)
-    gpu = f", GPU steps request {options.accelerator}" if options.gpu else ""
+    gpu = f", GPU steps request {options.accelerator} ({options.gpus} each)" if options.gpu else ""
+    if options.nodes > 1:
+        gpu += f", training runs as {options.nodes}-node TrainJobs"
     print(f"compiled the pipeline to {args.output}{gpu}")
     return 0
 

@@ -9,7 +9,9 @@ What is a pipeline parameter (chosen per run) and what is fixed at compile time:
 
 * parameters: data_repo, data_rev, params_overrides (dotted params.yaml keys -> values),
   tracking_uri, experiment, model_name, image, node_selector, tolerations; with `--gpu`
-  also accelerator_type and gpu_count (0 turns the GPU request off for a run).
+  also accelerator_type and gpu_count (0 turns the GPU request off for a run; more than one
+  runs the step under torchrun, a process per GPU); with `--nodes N` (N > 1) also nodes:
+  training and distillation then launch Kubeflow Trainer TrainJobs of that many nodes.
 * compile time (CompileOptions / `iagn-pipeline compile` flags): the defaults of those
   parameters, whether training and distillation request an accelerator at all (KFP cannot
   add or drop a resource request from a boolean parameter), the Kubernetes secret the
@@ -63,6 +65,7 @@ class CompileOptions:
     gpu: bool = False
     accelerator: str = DEFAULT_ACCELERATOR
     gpus: int = 1
+    nodes: int = 1  # > 1: training and distillation run as Kubeflow Trainer TrainJobs
     secret: str = DEFAULT_SECRET  # "" = no secret (e.g. a cluster with workload identity)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
@@ -139,8 +142,23 @@ class Tasks:
     def settings(self, task: PipelineTask, name: str, cache: bool = True) -> PipelineTask:
         return _cluster_settings(task, self.options, name, cache, self.p["image"])
 
+    def scale(self) -> dict[str, Any]:
+        """Inputs of the training and distillation tasks that set their scale: the GPUs a
+        task (or each node) gets and the nodes, from the pipeline's parameters. None without
+        --gpu and --nodes: the tasks read params.yaml's `distributed:` alone."""
+        p, options = self.p, self.options
+        scale: dict[str, Any] = {}
+        if options.gpu:
+            scale.update(gpus=p["gpu_count"], accelerator=p["accelerator_type"])
+        if options.nodes > 1:
+            # A TrainJob runs the pipeline's image with the pipeline's secret.
+            scale.update(nodes=p["nodes"], image=p["image"], secret=options.secret)
+        return scale
+
     def place(self, task: PipelineTask) -> PipelineTask:
         p = self.p
+        if self.options.nodes > 1:
+            return task  # the task only launches the TrainJob: no GPU, any node
         return _placement(
             task,
             p["node_selector"],
@@ -194,12 +212,13 @@ def train_and_distill(
     init = None
     for stage in (1, 2, 3):
         previous = {} if init is None else {"init": init}  # stage 1 starts from scratch
-        task = train_stage(stage=stage, **data, **t.tracking, **previous)
+        task = train_stage(stage=stage, **data, **t.tracking, **previous, **t.scale())
         if stage == 1:
             task.after(check)  # the validation verdict gates training
         t.place(t.settings(task, f"train stage {stage}"))
         init = task.outputs["model"]
-    student = t.place(t.settings(distill(teacher=init, **data, **t.tracking), "distill student"))
+    student = distill(teacher=init, **data, **t.tracking, **t.scale())
+    t.place(t.settings(student, "distill student"))
     return init, student
 
 
@@ -263,6 +282,8 @@ def pipeline_parameters(options: CompileOptions | None = None) -> list[tuple[str
             ("accelerator_type", str, options.accelerator),
             ("gpu_count", int, options.gpus),
         ]
+    if options.nodes > 1:
+        parameters.append(("nodes", int, options.nodes))
     return parameters
 
 
@@ -300,7 +321,9 @@ def build_pipeline(options: CompileOptions | None = None):
     options = options or CompileOptions()
     description = (
         "IAGN: fetch data (DVC), validate, train stages 1-3, distill, evaluate, gate, register "
-        "(MLflow)" + (f"; GPU steps request {options.accelerator}" if options.gpu else "")
+        "(MLflow)"
+        + (f"; GPU steps request {options.accelerator}" if options.gpu else "")
+        + (f"; training runs as {options.nodes}-node TrainJobs" if options.nodes > 1 else "")
     )
     return make_pipeline(
         PIPELINE_NAME,

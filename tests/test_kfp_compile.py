@@ -259,3 +259,53 @@ def test_gpu_pipeline_requests_accelerators_from_runtime_parameters(gpu: Compile
     assert train.inputs.parameters["pipelinechannel--gpu_count"].component_input_parameter == (
         "pipelinechannel--gpu_count"
     )
+
+
+def test_gpu_steps_get_their_gpu_count_as_processes(gpu: Compiled, default: Compiled):
+    """A training task given gpu_count GPUs runs a process per GPU (torchrun in its pod)."""
+    for task in ("train-stage", "train-stage-2", "train-stage-3", "distill"):
+        inputs = gpu.tasks(STEPS)[task].inputs.parameters
+        assert inputs["gpus"].component_input_parameter == "pipelinechannel--gpu_count", task
+        assert "nodes" not in inputs and "image" not in inputs, task
+        assert "gpus" not in default.tasks(STEPS)[task].inputs.parameters, task
+
+
+@pytest.fixture(scope="module")
+def multinode(tmp_path_factory) -> Compiled:
+    path = tmp_path_factory.mktemp("compile-nodes") / "nodes.yaml"
+    argv = ["compile", "-o", path, "--gpu", "--gpus", "4", "--nodes", "2", "--image", TEST_IMAGE]
+    result = run([BIN / "iagn-pipeline", *argv], cwd=REPO_ROOT)
+    assert "training runs as 2-node TrainJobs" in result.stdout
+    return Compiled(path)
+
+
+def test_several_nodes_make_the_training_tasks_trainjob_launchers(multinode: Compiled):
+    assert multinode.parameter_default("nodes") == 2
+    assert multinode.parameter_default("gpu_count") == 4
+    for task in ("train-stage", "train-stage-2", "train-stage-3", "distill"):
+        inputs = multinode.tasks(STEPS)[task].inputs.parameters
+        wired = {name: inputs[name].component_input_parameter for name in ("nodes", "gpus")}
+        assert wired == {"nodes": "pipelinechannel--nodes", "gpus": "pipelinechannel--gpu_count"}
+        assert inputs["image"].component_input_parameter == "pipelinechannel--image"
+        assert inputs["secret"].runtime_value.constant.string_value == "iagn-credentials"
+    # The launchers hold no GPU: the TrainJob's nodes do (resources per node).
+    for name in GPU_EXECUTORS:
+        resources = multinode.executors[name].container.resources
+        assert not resources.HasField("accelerator"), name
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--nodes", "0"], "--nodes must be 1 or more, got 0"),
+        (["--gpu", "--gpus", "0"], "--gpus must be 1 or more"),
+    ],
+)
+def test_no_nodes_or_gpus_is_refused(flags, message, tmp_path):
+    result = run(
+        [BIN / "iagn-pipeline", "compile", "-o", tmp_path / "p.yaml", *flags],
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "p.yaml").exists()

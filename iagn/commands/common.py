@@ -170,6 +170,23 @@ def add_params_argument(parser: argparse.ArgumentParser, required: bool = True) 
     )
 
 
+def run_scaled(args: argparse.Namespace, params: dict) -> int | None:
+    """A training command under torchrun when params.yaml's `distributed:` asks for more than
+    one process and no launcher started this one: its exit code. None: run it here."""
+    from iagn.train.scale import run_under_torchrun, scale_from_params, under_launcher
+
+    scale = scale_from_params(params)
+    if scale.world_size == 1 or under_launcher():
+        return None
+    print(
+        f"iagn: {scale.procs_per_node} processes under torchrun (params distributed.procs_per_"
+        f"node); max {scale.max_restarts} restarts",
+        file=sys.stderr,
+        flush=True,
+    )
+    return run_under_torchrun(scale, args.argv)
+
+
 def is_main_process() -> bool:
     """False on the non-zero ranks of a torchrun launch: only rank 0 reports."""
     return int(os.environ.get("RANK", "0")) == 0

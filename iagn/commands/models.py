@@ -13,6 +13,7 @@ from iagn.commands.common import (
     is_main_process,
     output_dir,
     output_file,
+    run_scaled,
 )
 from iagn.commands.train import add_device_arguments
 
@@ -29,8 +30,12 @@ def _params(args: argparse.Namespace) -> dict:
 def cmd_distill(args: argparse.Namespace) -> int:
     from iagn import runner
 
+    params = _params(args)
+    scaled = run_scaled(args, params)
+    if scaled is not None:
+        return scaled
     result = runner.distill(
-        args.teacher, args.data, _params(args), args.out, device=args.device, quiet=args.quiet
+        args.teacher, args.data, params, args.out, device=args.device, quiet=args.quiet
     )
     accuracy = result["metrics"].get("val_acc", float("nan"))
     if is_main_process():

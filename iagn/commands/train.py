@@ -12,6 +12,7 @@ from iagn.commands.common import (
     input_file,
     is_main_process,
     output_file,
+    run_scaled,
 )
 
 
@@ -22,6 +23,9 @@ def cmd_train_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     if args.format:
         params["data"]["format"] = args.format
+    scaled = run_scaled(args, params)
+    if scaled is not None:
+        return scaled
     result = runner.train_stage(
         stage=args.stage,
         data=args.data,

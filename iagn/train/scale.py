@@ -125,3 +125,40 @@ def torchrun_command(scale: Scale, argv: Sequence[str]) -> list[str]:
         "iagn.cli",
         *argv,
     ]
+
+
+def run_under_torchrun(scale: Scale, argv: Sequence[str]) -> int:
+    """Run `iagn <argv>` under torchrun on this node and return its exit code.
+
+    Kubernetes (and a user's Ctrl-C) signal only this process: SIGTERM and SIGINT are passed
+    on to torchrun, which passes them to every worker, and the workers save a checkpoint at
+    the same batch (`iagn.train.loop`). torchrun itself then exits 1, so a forwarded SIGTERM
+    ends this process with EXIT_PREEMPTED, the code the single-process step uses."""
+    import signal
+    import subprocess
+
+    from iagn.errors import EXIT_PREEMPTED
+
+    if scale.on_trainer:
+        raise IagnError(
+            f"distributed.nodes is {scale.nodes}: a step on several nodes needs a launcher on "
+            "each, which Kubeflow Trainer provides: run it through the KFP pipeline (README "
+            '"Training on several GPUs and nodes"), or start `torchrun --nnodes` on every '
+            "node yourself; for this machine alone set distributed.nodes: 1"
+        )
+    process = subprocess.Popen(torchrun_command(scale, argv))
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signal.SIGTERM in received and code != 0:
+        return EXIT_PREEMPTED
+    return code
