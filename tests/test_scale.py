@@ -55,8 +55,9 @@ def test_default_scale_trains_in_the_calling_process(tiny_synth, tmp_path):
 
 @pytest.mark.fault(
     "SIGTERM to a step that runs on several processes (distributed.procs_per_node > 1)",
-    "passed on to torchrun and every worker: they save at the same batch and the step exits "
-    "143 (as one process does); rerunning resumes",
+    sees="exit code 143, as from one process; the rerun prints `resuming out/s1.pt.partial ...`",
+    kept="every worker's state at the same batch in `<out>.partial` (torchrun passes the "
+    "signal on); the finished epochs are kept, not retrained",
 )
 def test_sigterm_reaches_the_workers_and_the_rerun_resumes(tiny_synth, tmp_path):
     project = scaled_project(tmp_path, tiny_synth, epochs=10, procs_per_node=2)
@@ -97,6 +98,14 @@ BAD_SCALE = {
 }
 
 
+@pytest.mark.fault(
+    "a bad `distributed:` setting: 0 nodes, a negative or non-numeric process count, a "
+    "misspelt key, several nodes outside Kubeflow Trainer",
+    sees="exit 2 before training: `params.yaml distributed.nodes must be a whole number of 1 "
+    "or more, got 0` / `unknown key(s) proc_per_node; known: ...` / `... needs a launcher on "
+    "each, which Kubeflow Trainer provides ...`",
+    kept="everything: nothing trains, no output is written",
+)
 @pytest.mark.parametrize("case", sorted(BAD_SCALE))
 @pytest.mark.parametrize("command", ["train-stage", "distill"])
 def test_bad_scale_is_refused_before_training(case, command, tiny_synth, tmp_path):
