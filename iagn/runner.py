@@ -149,7 +149,7 @@ def train_stage(
     """`iagn.steps.train_stage.run` in a `train-stage-N` run; stage 3 logs the teacher model."""
     from iagn.steps import train_stage as step
 
-    sections = ("data", "model", "train", f"stage{stage}", "serve")
+    sections = ("data", "model", "train", f"stage{stage}", "serve", "distributed")
     with tracking.step_run(f"train-stage-{stage}", params, sections, output=out) as run:
         result = step.run(
             stage=stage,
@@ -176,7 +176,9 @@ def distill(
     """`iagn.steps.distill.run` in a `distill` run; logs the student model."""
     from iagn.steps import distill as step
 
-    with tracking.step_run("distill", params, ("data", "distill", "serve"), output=out) as run:
+    with tracking.step_run(
+        "distill", params, ("data", "distill", "serve", "distributed"), output=out
+    ) as run:
         result = step.run(
             teacher, data, params, out, device=device, quiet=quiet, callbacks=[run.log_epoch]
         )
