@@ -26,6 +26,7 @@ from iagn.commands import (
     serve,
     tracking,
     train,
+    trainjob,
     validate,
 )
 from iagn.commands.common import check_paths
@@ -43,6 +44,7 @@ COMMAND_MODULES = (
     serve,
     checkpoint,
     tracking,
+    trainjob,  # `iagn trainjob-node`: run by Kubeflow Trainer on each node
 )
 
 

@@ -126,6 +126,7 @@ BASELINES = {
     "iagn models card": ["iagn@champion", "--out", "{new}"],
     "iagn checkpoint convert": ["{teacher.pt}", "{new}.pt"],
     "iagn tracking replay": ["{empty}"],
+    "iagn trainjob-node": ["--workdir", "{new}"],
     "iagn-pipeline compile": ["-o", "{new}.yaml"],
     "iagn-pipeline submit": ["--host", "{dead-host}", "--package", "{pipeline.yaml}"],
     "iagn-pipeline run-local": [],

@@ -38,7 +38,7 @@ LAYERS = (
                               "iagn.tracking",
                               "iagn.data", "iagn.models", "iagn.validation")),
     Layer("evaluation", ("iagn.evaluation",)),
-    Layer("training", ("iagn.train",)),
+    Layer("training", ("iagn.train", "iagn.trainjob")),  # trainjob: steps on several nodes
     Layer("serving", ("iagn.registry", "iagn.inference", "iagn.serving", "iagn.pyfunc_entry")),
     Layer("steps", ("iagn.steps",), isolated=True),
     Layer("model card", ("iagn.card",)),
