@@ -32,7 +32,7 @@ from test_training import tiny_params
 from iagn.errors import IagnError
 from iagn.provenance import ENV_KFP_RUN
 from iagn.train.scale import Scale
-from iagn.trainjob import launch
+from iagn.trainjob import launch, names
 from iagn.trainjob import manifest as m
 from iagn.trainjob.names import MAX_NAME, job_name
 from iagn.trainjob.staging import Store
@@ -644,3 +644,56 @@ def test_the_node_command_outside_a_trainjob_is_a_message(tmp_path, capsys, monk
     monkeypatch.delenv(m.NODE_SPEC_ENV, raising=False)
     assert main(["trainjob-node", "--workdir", str(tmp_path / "w")]) == 2
     assert "IAGN_TRAINJOB_SPEC is not set" in capsys.readouterr().err
+
+
+def test_storage_on_a_shared_volume(cluster, tmp_path, monkeypatch):
+    """`pvc://CLAIM/path`: the task's mount of the claim holds the files; the TrainJob mounts
+    the claim at the same path on every node (a runtime patch of the targeted release)."""
+    root = tmp_path / "shared"
+    (root / "scratch").mkdir(parents=True)
+    monkeypatch.setattr(names, "SHARED_ROOT", str(root))
+    name = job_name(RUN_ID, "stage2")
+    seen = {}
+
+    def finish(job: dict) -> None:
+        seen["job"] = job
+        Store(f"file://{root}/scratch/jobs/{name}").push_outputs({"model": out_folder})
+        cluster.set_condition(name, m.COMPLETE, "JobSetCompleted", "done")
+
+    out_folder = tmp_path / "node-out"
+    out_folder.mkdir()
+    (out_folder / "s2.pt").write_bytes(b"on the volume")
+    call = step_call(tmp_path, cluster, storage_uri="pvc://scratch/jobs")
+    with Controller(cluster, name, finish):
+        launch.run_on_trainer(**call, log=lambda line: None)
+    assert (tmp_path / "out" / "s2.pt").read_bytes() == b"on the volume"
+    assert (root / "scratch" / "jobs" / name / "inputs" / "dataset" / "images" / "a.jpg").exists()
+    job = seen["job"]
+    from kubeflow_trainer_api.models.trainer_v1alpha1_train_job import TrainerV1alpha1TrainJob
+
+    assert TrainerV1alpha1TrainJob.from_dict(job).to_dict() == job
+    patch = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
+    pod = patch["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "scratch"}
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == f"{root}/scratch"
+
+    # Not mounted in the task's pod: an error before anything is created.
+    with pytest.raises(IagnError, match="not mounted at"):
+        launch.run_on_trainer(
+            **step_call(tmp_path, cluster, step="x", storage_uri="pvc://other/jobs"),
+            log=lambda line: None,
+        )
+
+
+def test_an_unreachable_checkpoint_uri_is_named(s3, monkeypatch):
+    """What the task checks before it creates a job whose nodes write checkpoints there."""
+    from iagn.trainjob import check_writable
+
+    check_writable(f"s3://{s3.bucket}/ckpt", "checkpoint URI", "train.checkpoint_uri")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(IagnError) as error:
+        check_writable(f"s3://{s3.bucket}/ckpt", "checkpoint URI", "train.checkpoint_uri")
+    assert f"checkpoint URI s3://{s3.bucket}/ckpt is not writable: cannot connect" in str(
+        error.value
+    )
+    assert "fix train.checkpoint_uri" in str(error.value)

@@ -12,5 +12,6 @@ KFP task (`run_on_trainer`), each node running the same `iagn` step under torchr
 
 from iagn.trainjob.launch import run_on_trainer
 from iagn.trainjob.manifest import TRAINER_VERSION
+from iagn.trainjob.staging import check_writable
 
-__all__ = ["TRAINER_VERSION", "run_on_trainer"]
+__all__ = ["TRAINER_VERSION", "check_writable", "run_on_trainer"]

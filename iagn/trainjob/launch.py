@@ -33,7 +33,14 @@ from iagn.redact import scrub_uri
 from iagn.train.scale import Scale
 from iagn.trainjob import manifest as m
 from iagn.trainjob.cluster import Cluster
-from iagn.trainjob.names import current_namespace, job_name, kfp_run_id, storage_prefix
+from iagn.trainjob.names import (
+    current_namespace,
+    job_name,
+    kfp_run_id,
+    local_storage_uri,
+    shared_volume,
+    storage_prefix,
+)
 from iagn.trainjob.staging import Store
 
 POLL_SECONDS = 10.0  # how often the job's status is read
@@ -85,7 +92,14 @@ def run_on_trainer(
             raise IagnError(f"TrainJob input {name}: {local} does not exist")
     run_id = kfp_run_id()
     name = job_name(run_id, step)
-    store = Store(storage_prefix(storage_uri, name))
+    volume = shared_volume(storage_uri)
+    if volume and not Path(volume[1]).is_dir():
+        raise IagnError(
+            f"storage {storage_uri}: the PersistentVolumeClaim {volume[0]} is not mounted at "
+            f"{volume[1]} in this task's pod; the pipeline must mount it there (the TrainJob's "
+            "nodes mount it at the same path). Nothing was created"
+        )
+    store = Store(storage_prefix(local_storage_uri(storage_uri), name))
     store.probe()
     cluster = Cluster(current_namespace(namespace), api_client)
     where = f"TrainJob {name} (namespace {cluster.namespace})"
@@ -117,6 +131,7 @@ def run_on_trainer(
                     scale,
                     image,
                     secret,
+                    volume,
                     emit,
                 )
                 emit(
@@ -134,7 +149,9 @@ def run_on_trainer(
     store.fetch_outputs(outputs, emit)
 
 
-def _create(cluster, store, name, run_id, step, argv, inputs, outputs, scale, image, secret, emit):
+def _create(
+    cluster, store, name, run_id, step, argv, inputs, outputs, scale, image, secret, volume, emit
+):
     kind, runtime = cluster.find_runtime(scale.runtime)
     if "torch" not in ((runtime.get("spec") or {}).get("mlPolicy") or {}):
         raise IagnError(
@@ -176,6 +193,7 @@ def _create(cluster, store, name, run_id, step, argv, inputs, outputs, scale, im
         secret=secret,
         spec=spec,
         storage_shown=scrub_uri(store.prefix),
+        volume=volume,
     )
     cluster.create_job(manifest)
 

@@ -50,6 +50,8 @@ POD_LABEL_INDEX = "batch.kubernetes.io/job-completion-index"
 COMPLETE, FAILED = "Complete", "Failed"
 
 NODE_COMMAND = ("iagn", "trainjob-node")
+PATCH_MANAGER = "iagn.trainjob"  # who owns the runtime patch (Trainer keys patches by it)
+SHARED_VOLUME = "iagn-shared"
 NODE_SPEC_ENV = "IAGN_TRAINJOB_SPEC"
 NODE_SPEC_FORMAT = "iagn-trainjob-node/1"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -230,8 +232,10 @@ def build(
     spec: Mapping[str, Any],
     storage_shown: str,
     env: Mapping[str, str] | None = None,
+    volume: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The TrainJob, checked against the models of TRAINER_VERSION (`checked`)."""
+    """The TrainJob, checked against the models of TRAINER_VERSION (`checked`). `volume`:
+    (claim, mount path) of a PersistentVolumeClaim every node mounts (shared storage)."""
     from iagn.trainjob.names import label_value
 
     trainer: dict[str, Any] = {
@@ -269,7 +273,25 @@ def build(
             "trainer": trainer,
         },
     }
+    if volume:
+        manifest["spec"]["runtimePatches"] = [shared_volume_patch(*volume)]
     return checked(manifest)
+
+
+def shared_volume_patch(claim: str, mount_path: str) -> dict[str, Any]:
+    """A runtime patch (Trainer v2.2+ `runtimePatches`) that mounts the PersistentVolumeClaim
+    `claim` at `mount_path` in the `node` container of every node."""
+    pod = {
+        "volumes": [{"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": claim}}],
+        "containers": [
+            {"name": NODE, "volumeMounts": [{"name": SHARED_VOLUME, "mountPath": mount_path}]}
+        ],
+    }
+    replicated = {"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}
+    return {
+        "manager": PATCH_MANAGER,
+        "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [replicated]}}},
+    }
 
 
 def checked(manifest: dict[str, Any]) -> dict[str, Any]:

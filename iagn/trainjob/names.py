@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from iagn.errors import IagnError
 from iagn.provenance import ENV_KFP_RUN
@@ -58,6 +59,37 @@ def label_value(text: str) -> str:
 def storage_prefix(storage_uri: str, name: str) -> str:
     """Where a job's inputs and outputs live: `<storage_uri>/<job name>`."""
     return f"{storage_uri.rstrip('/')}/{name}"
+
+
+# `pvc://CLAIM/path`: the PersistentVolumeClaim CLAIM, mounted at SHARED_ROOT/CLAIM in the
+# task's pod (the pipeline mounts it) and, through the TrainJob, in every node's container.
+SHARED_SCHEME = "pvc"
+SHARED_ROOT = "/mnt/iagn-shared"
+
+
+def shared_volume(storage_uri: str) -> tuple[str, str] | None:
+    """(claim, mount path) of a `pvc://CLAIM/path` storage URI; None for any other URI."""
+    parts = urlsplit(storage_uri)
+    if parts.scheme != SHARED_SCHEME:
+        return None
+    if not _LABEL.match(parts.netloc or "") and not re.match(
+        r"^[a-z0-9][-.a-z0-9]*$", parts.netloc
+    ):
+        raise IagnError(
+            f"storage URI {storage_uri!r}: pvc://CLAIM/path needs the name of a "
+            "PersistentVolumeClaim as CLAIM"
+        )
+    return parts.netloc, f"{SHARED_ROOT}/{parts.netloc}"
+
+
+def local_storage_uri(storage_uri: str) -> str:
+    """The URI to read and write `storage_uri` with here: a `pvc://CLAIM/path` is the file
+    path under the claim's mount; anything else is itself."""
+    shared = shared_volume(storage_uri)
+    if shared is None:
+        return storage_uri
+    path = urlsplit(storage_uri).path.strip("/")
+    return f"file://{shared[1]}" + (f"/{path}" if path else "")
 
 
 def current_namespace(namespace: str | None = None) -> str:

@@ -54,7 +54,7 @@ class Store:
 
     # --- both sides ---------------------------------------------------------------------
 
-    def probe(self) -> None:
+    def probe(self, what: str = "TrainJob storage", fix: str = "distributed.storage_uri") -> None:
         """The prefix is reachable and writable: write and delete a small object, quickly."""
         try:
             fs, path = self._fs(quick=True)
@@ -65,9 +65,8 @@ class Store:
             fs.rm_file(probe)
         except Exception as exc:
             raise IagnError(
-                f"TrainJob storage {self.shown} is not writable: {_cause(exc)}. Nothing was "
-                "created on the cluster; fix distributed.storage_uri (or the credentials) and "
-                "rerun"
+                f"{what} {self.shown} is not writable: {_cause(exc)}. Nothing was created on "
+                f"the cluster; fix {fix} (or the credentials) and rerun"
             ) from None
 
     def marker(self, name: str) -> dict | None:
@@ -219,6 +218,15 @@ class Store:
             self._write_marker(OUTPUTS_MARKER, {"format": OUTPUTS_FORMAT, "outputs": described})
         except Exception as exc:
             raise self._error(exc, "upload the outputs") from None
+
+
+def check_writable(uri: str, what: str, fix: str) -> None:
+    """Before a TrainJob is created: `uri` (e.g. train.checkpoint_uri, which the nodes write
+    their checkpoints to) is reachable and writable from here, or an IagnError naming `what`
+    and the setting to `fix`."""
+    from iagn.trainjob.names import local_storage_uri
+
+    Store(local_storage_uri(uri)).probe(what, fix)
 
 
 def describe(local: Path) -> dict[str, Any]:
