@@ -367,6 +367,7 @@ def test_two_nodes_train_and_the_checkpoint_comes_back(cluster, tiny_synth, tmp_
         "name": "torch-distributed",
     }
     assert job["spec"]["activeDeadlineSeconds"] == 120
+    assert "runtimePatches" not in job["spec"]  # CPU nodes, storage in S3: nothing to patch
     # Credentials: by reference to the secret, never as values or arguments.
     text = json.dumps(job)
     for value in (cluster.secret_env(SECRET, "AWS_SECRET_ACCESS_KEY"), "s3cr3t"):
@@ -601,21 +602,39 @@ def test_an_unknown_field_fails_the_round_trip():
     dropped by the API server; the models of the targeted release refuse it here."""
     scale = Scale(nodes=2, resources_per_node={"cpu": 4, "nvidia.com/gpu": 1})
     spec = m.node_spec("s3://b/p", ["distill"], [], {}, 0)
-    good = m.build(
-        name="iagn-x-0123456789",
-        namespace=NAMESPACE,
-        run_id=RUN_ID,
-        step="x",
-        scale=scale,
-        runtime_kind=m.CLUSTER_RUNTIME_KIND,
-        image=IMAGE,
-        secret=SECRET,
-        spec=spec,
-        storage_shown="s3://b/p",
-    )
+    arguments = {
+        "name": "iagn-x-0123456789",
+        "namespace": NAMESPACE,
+        "run_id": RUN_ID,
+        "step": "x",
+        "scale": scale,
+        "runtime_kind": m.CLUSTER_RUNTIME_KIND,
+        "image": IMAGE,
+        "secret": SECRET,
+        "spec": spec,
+        "storage_shown": "s3://b/p",
+    }
+    good = m.build(**arguments)
     assert good["spec"]["trainer"]["resourcesPerNode"] == {
         "limits": {"cpu": "4", "nvidia.com/gpu": "1"}
     }
+    # GPU nodes tolerate the GPU pool's usual taint, as the pipeline's GPU tasks do.
+    (patch,) = good["spec"]["runtimePatches"]
+    assert patch["manager"] == m.PATCH_MANAGER
+    (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == m.NODE
+    assert node["template"]["spec"]["template"]["spec"] == {
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    }
+    placed = m.build(
+        **{**arguments, "node_selector": {"pool": "a100"}, "tolerations": []},
+    )
+    pod = placed["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]
+    assert pod["replicatedJobs"][0]["template"]["spec"]["template"]["spec"] == {
+        "nodeSelector": {"pool": "a100"}
+    }
+    cpu_only = m.build(**{**arguments, "scale": Scale(nodes=2)})
+    assert "runtimePatches" not in cpu_only["spec"]
     for path, value in (
         (("spec", "podTemplateOverrides"), []),
         (("spec", "trainer", "numProcsPerNode"), 2),

@@ -67,6 +67,8 @@ def run_on_trainer(
     storage_uri: str,
     namespace: str | None = None,
     log=print,
+    node_selector: dict[str, str] | None = None,
+    tolerations: list[dict] | None = None,
     api_client=None,
 ) -> None:
     """Run `iagn <argv>` on `scale.nodes` nodes as a TrainJob and bring `outputs` back.
@@ -74,8 +76,9 @@ def run_on_trainer(
     `argv` refers to inputs and outputs as `{name}` (iagn.trainjob.manifest); `inputs` maps a
     name to a local file or folder, `outputs` a name to the local file the task wants (the
     files the step writes beside it come too). `secret` names the Kubernetes secret of the
-    pipeline's steps ("" for none). `api_client`: a kubernetes ApiClient (default: in-cluster,
-    else the kubeconfig)."""
+    pipeline's steps ("" for none). `node_selector` and `tolerations` place the nodes' pods
+    (tolerations None: the GPU taint of each GPU resource in scale.resources_per_node).
+    `api_client`: a kubernetes ApiClient (default: in-cluster, else the kubeconfig)."""
     emit = _emitter(log)
     m.check_scale(scale)
     m.check_arguments(argv, list(inputs), list(outputs))
@@ -131,7 +134,7 @@ def run_on_trainer(
                     scale,
                     image,
                     secret,
-                    volume,
+                    {"volume": volume, "node_selector": node_selector, "tolerations": tolerations},
                     emit,
                 )
                 emit(
@@ -150,7 +153,7 @@ def run_on_trainer(
 
 
 def _create(
-    cluster, store, name, run_id, step, argv, inputs, outputs, scale, image, secret, volume, emit
+    cluster, store, name, run_id, step, argv, inputs, outputs, scale, image, secret, pod, emit
 ):
     kind, runtime = cluster.find_runtime(scale.runtime)
     if "torch" not in ((runtime.get("spec") or {}).get("mlPolicy") or {}):
@@ -193,7 +196,7 @@ def _create(
         secret=secret,
         spec=spec,
         storage_shown=scrub_uri(store.prefix),
-        volume=volume,
+        **pod,
     )
     cluster.create_job(manifest)
 

@@ -233,9 +233,12 @@ def build(
     storage_shown: str,
     env: Mapping[str, str] | None = None,
     volume: tuple[str, str] | None = None,
+    node_selector: Mapping[str, str] | None = None,
+    tolerations: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The TrainJob, checked against the models of TRAINER_VERSION (`checked`). `volume`:
-    (claim, mount path) of a PersistentVolumeClaim every node mounts (shared storage)."""
+    (claim, mount path) of a PersistentVolumeClaim every node mounts (shared storage);
+    `node_selector` and `tolerations` place the nodes' pods (`runtime_patch`)."""
     from iagn.trainjob.names import label_value
 
     trainer: dict[str, Any] = {
@@ -273,20 +276,49 @@ def build(
             "trainer": trainer,
         },
     }
-    if volume:
-        manifest["spec"]["runtimePatches"] = [shared_volume_patch(*volume)]
+    patch = runtime_patch(volume, node_selector, gpu_tolerations(scale, tolerations))
+    if patch:
+        manifest["spec"]["runtimePatches"] = [patch]
     return checked(manifest)
 
 
-def shared_volume_patch(claim: str, mount_path: str) -> dict[str, Any]:
-    """A runtime patch (Trainer v2.2+ `runtimePatches`) that mounts the PersistentVolumeClaim
-    `claim` at `mount_path` in the `node` container of every node."""
-    pod = {
-        "volumes": [{"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": claim}}],
-        "containers": [
+def gpu_tolerations(
+    scale: Scale, tolerations: Sequence[Mapping[str, Any]] | None
+) -> list[dict[str, Any]]:
+    """`tolerations`; when None, the usual taint of a GPU pool for each GPU resource the
+    nodes ask for (`nvidia.com/gpu`: NoSchedule), as the pipeline's GPU tasks get."""
+    if tolerations is not None:
+        return [dict(t) for t in tolerations]
+    spec = resources(scale.resources_per_node) or {}
+    asked = {**(spec.get("requests") or {}), **(spec.get("limits") or {})}
+    return [
+        {"key": key, "operator": "Exists", "effect": "NoSchedule"}
+        for key in sorted(asked)
+        if key.endswith("/gpu")
+    ]
+
+
+def runtime_patch(
+    volume: tuple[str, str] | None,
+    node_selector: Mapping[str, str] | None,
+    tolerations: Sequence[Mapping[str, Any]],
+) -> dict[str, Any] | None:
+    """A runtime patch (Trainer v2.2+ `runtimePatches`, owned by PATCH_MANAGER) of every
+    node's pod: the PersistentVolumeClaim `volume[0]` mounted at `volume[1]` in the `node`
+    container, the node selector, the tolerations. None when there is nothing to patch."""
+    pod: dict[str, Any] = {}
+    if volume:
+        claim, mount_path = volume
+        pod["volumes"] = [{"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": claim}}]
+        pod["containers"] = [
             {"name": NODE, "volumeMounts": [{"name": SHARED_VOLUME, "mountPath": mount_path}]}
-        ],
-    }
+        ]
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod["tolerations"] = [dict(t) for t in tolerations]
+    if not pod:
+        return None
     replicated = {"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}
     return {
         "manager": PATCH_MANAGER,
