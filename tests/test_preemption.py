@@ -32,17 +32,18 @@ STOPPED = re.compile(
     r"rerun the same command to resume"
 )
 EPOCHS = 3
-BATCHES = 8  # 8 training images at batch size 1 (4 per rank under torchrun)
+BATCHES = 8  # 8 training images at batch size 1; torchrun's 2 ranks: 4 each of global batch 2
 ENV = {"OMP_NUM_THREADS": "1", "IAGN_TRACKING": "off"}
 # Differ between an interrupted and an uninterrupted run by nature.
 TIMING = {"images_per_s", "epoch_seconds"}
 
 
-def preempt_params(data: Path, epochs: int = EPOCHS) -> dict:
+def preempt_params(data: Path, epochs: int = EPOCHS, processes: int = 1) -> dict:
+    """One image per process and step: batch_size is the global batch of `processes`."""
     params = tiny_params(data, epochs=epochs)
     # Attention crops and jigsaw draws use the step's generator, augmentation the global
     # RNG: a resume must restore both mid-epoch.
-    params["train"].update(batch_size=1, attention_crop_fraction=0.5)
+    params["train"].update(batch_size=processes, attention_crop_fraction=0.5)
     return params
 
 
@@ -91,7 +92,7 @@ def assert_partial_matches(partial: Path, epoch: int, batch: int, world_size: in
         assert len(mid["ranks"]) == world_size
         for rank in mid["ranks"]:
             assert set(rank) == {"rng", "generator", "sums", "seen"}
-            assert rank["seen"] == batch  # batch size 1
+            assert rank["seen"] == batch  # one image per process and step
             assert rank["sums"]["loss"] > 0
     return saved
 
@@ -236,7 +237,8 @@ sys.exit(code)
     "rerun ends bit for bit as an uninterrupted run",
 )
 def test_sigterm_to_torchrun_stops_every_rank_at_the_same_batch(tiny_synth, tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(preempt_params(tiny_synth)))
+    params = preempt_params(tiny_synth, processes=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
     partial = tmp_path / "out" / "s1.pt.partial"
     proc, log = start(torchrun_stage1("rank.py"), tmp_path)
@@ -252,7 +254,19 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_batch(tiny_synth, tmp_
     assert len(stops) == 1, output
     epoch, batch = int(stops[0][0]), int(stops[0][1])
     assert 1 <= batch <= BATCHES // 2 and epoch >= 1
-    assert_partial_matches(partial, epoch, batch, world_size=2)
+    saved = assert_partial_matches(partial, epoch, batch, world_size=2)
+    assert saved["train_config"]["process_batch_size"] == 1
+
+    if "mid_epoch" in saved:
+        # A mid-epoch partial holds 2 ranks' places in the data: one process refuses it.
+        before = partial.read_bytes()
+        alone = [BIN / "iagn", "train-stage", "--stage", "1", "--params", "params.yaml"]
+        alone += ["--out", "out/s1.pt", "--device", "cpu"]
+        refused = run(alone, cwd=tmp_path, env=ENV, check=False)
+        assert refused.returncode == 2, refused.stderr
+        assert "by 2 process(es); this run has 1" in refused.stderr
+        assert "rerun with 2 process(es)" in refused.stderr
+        assert partial.read_bytes() == before  # untouched
 
     rerun = run(torchrun_stage1("-m", "iagn.cli"), cwd=tmp_path, env=ENV)
     assert rerun.stdout.count("resuming out/s1.pt.partial") == 1
@@ -265,7 +279,8 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_batch(tiny_synth, tmp_
 def test_a_nan_loss_on_one_rank_stops_every_rank(tiny_synth, tmp_path):
     """Before, the rank with the NaN raised alone and the other waited forever in its next
     collective; now they agree on it first and all exit with the user-error code."""
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(preempt_params(tiny_synth, epochs=1)))
+    params = preempt_params(tiny_synth, epochs=1, processes=2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "rank.py").write_text(RANK_SCRIPT)
     result = run(
         torchrun_stage1("rank.py"),

@@ -241,3 +241,28 @@ def serve_settings(params: dict) -> ServeSettings:
     if problems:
         raise IagnError("params.yaml `serve`: " + "; ".join(problems))
     return settings
+
+
+def process_batch_size(batch_size: int, world_size: int, key: str, nodes: int = 1) -> int:
+    """Each process's share of the global batch `batch_size` (params.yaml `key`, such as
+    train.batch_size) when `world_size` processes on `nodes` nodes train together.
+
+    The global batch is the recipe: W processes each take batch_size / W, so the optimizer
+    steps on the same number of images whatever the scale. A batch that does not split
+    evenly would change that (or leave a rank without images); it is refused, saying what
+    to set."""
+    if world_size <= 1:
+        return batch_size
+    if batch_size % world_size == 0:
+        return batch_size // world_size
+    if world_size % max(nodes, 1) == 0:
+        plural = "s" if nodes > 1 else ""
+        layout = f"{max(nodes, 1)} node{plural} x {world_size // max(nodes, 1)}"
+    else:
+        layout = f"on {nodes} nodes"
+    smallest = "" if batch_size >= world_size else f" (at least {world_size})"
+    raise IagnError(
+        f"params.yaml {key} {batch_size} is not divisible by the {world_size} processes "
+        f"({layout}); use a multiple of {world_size}{smallest}: {key} is the global batch, "
+        f"each process takes {key} / {world_size}"
+    )

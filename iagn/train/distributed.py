@@ -17,6 +17,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    nodes: int = 1  # torchrun's launchers (one per node), for messages
 
     @property
     def distributed(self) -> bool:
@@ -38,8 +39,28 @@ def init_runtime(device: str = "auto") -> Runtime:
         torch.cuda.set_device(local_rank)
         chosen = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    return Runtime(device=chosen, rank=dist.get_rank(), world_size=dist.get_world_size())
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        store, rank, size = _store_of_this_attempt()
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size)
+    # torchrun's GROUP_WORLD_SIZE: how many launchers (nodes) joined the rendezvous.
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    return Runtime(
+        device=chosen, rank=dist.get_rank(), world_size=dist.get_world_size(), nodes=nodes
+    )
+
+
+def _store_of_this_attempt() -> tuple[dist.Store, int, int]:
+    """The env:// rendezvous store (torchrun's), its keys prefixed by torchrun's restart
+    count.
+
+    With a c10d rendezvous (`--standalone` or `--rdzv-backend c10d`), the store outlives a
+    restart of the workers (`--max-restarts`): without the prefix, the restarted ranks read
+    the process-group addresses the previous attempt's ranks published, and gloo tries to
+    connect to a killed worker ("Gloo connectFullMesh failed ... Connection refused";
+    measured with torch 2.14, tests/test_multinode.py)."""
+    store, rank, size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"iagn/attempt-{attempt}", store), rank, size
 
 
 def all_reduce_mean(value: float, runtime: Runtime) -> float:
@@ -73,3 +94,13 @@ def gather_to_main(value: Any, runtime: Runtime) -> list[Any] | None:
     gathered = [None] * runtime.world_size if runtime.is_main else None
     dist.gather_object(value, gathered, dst=0)
     return gathered
+
+
+def broadcast_from_main(value: Any, runtime: Runtime) -> Any:
+    """Rank 0's `value` (picklable) on every rank. Nodes need not share a disk: what only
+    rank 0 can read (the partial checkpoint it wrote) reaches the others this way."""
+    if not runtime.distributed:
+        return value
+    box = [value if runtime.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=runtime.device)
+    return box[0]

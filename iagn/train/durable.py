@@ -8,10 +8,10 @@ Each step has its own prefix: `<uri>/stage<N>`, `<uri>/distill`, `<uri>/baseline
 Under a prefix: `partial.pt.json` and `checkpoint.pt.json`, small JSON markers, each naming
 the object that holds the bytes (`partial.pt.<sha256[:16]>`), its sha256 and size, the epoch
 and batch, and the fingerprint of the run's identity (what `_resume_state` compares: kind,
-stage, model, training config, data, init/teacher). S3 has no rename, so the bytes go to a
-new key first and the marker is written LAST (one PUT: readers see the old or the new
-marker, never half of one); a reader trusts only an object whose sha256 matches its marker.
-A half-uploaded object, or one without a marker, is never used.
+stage, model, training config but for how many processes ran it, data, init/teacher). S3
+has no rename, so the bytes go to a new key first and the marker is written LAST (one PUT:
+readers see the old or the new marker, never half of one); a reader trusts only an object
+whose sha256 matches its marker. A half-uploaded object, or one without a marker, is never used.
 
 Never overwritten: a marker of another fingerprint (another configuration's checkpoint)
 stops the run before training with a clear error, and each upload checks it again.
@@ -42,9 +42,10 @@ def step_uri(uri: str | None, step: str) -> str | None:
     return f"{uri.rstrip('/')}/{step}" if uri else None
 
 
-def fingerprint(payload: dict, keys: tuple[str, ...]) -> str:
-    """A run's identity as one hash: `keys` of its checkpoint payload, canonical JSON."""
-    identity = {key: payload.get(key) for key in keys}
+def fingerprint(payload: dict, keys: tuple[str, ...] | None = None) -> str:
+    """A run's identity as one hash: `keys` of its checkpoint payload (all of it without
+    `keys`: the loop passes its `resume_identity`), canonical JSON."""
+    identity = payload if keys is None else {key: payload.get(key) for key in keys}
     text = json.dumps(identity, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -54,11 +54,13 @@ from iagn.errors import IagnError, Preempted
 from iagn.evaluation.heads import accuracy_on
 from iagn.io import write_json_atomic
 from iagn.precision import autocast, grad_scaler
+from iagn.train.config import process_batch_size
 from iagn.train.distributed import (
     Runtime,
     all_reduce_mean,
     any_rank,
     barrier,
+    broadcast_from_main,
     gather_to_main,
 )
 from iagn.train.durable import FINISHED, PARTIAL, Mirror, fingerprint
@@ -107,10 +109,25 @@ def standard_spec(
     data; `fields` supply the rest (model, param groups, step, payload, ...).
 
     `validate_view(model)`: what validation calls instead of the model itself (a stage
-    validates with the heads it has trained only, iagn/train/stage_step.py `ActiveHeads`)."""
+    validates with the heads it has trained only, iagn/train/stage_step.py `ActiveHeads`).
+
+    `config.batch_size` is the global batch: under W processes each rank's loader takes
+    batch_size / W of every global batch (a size that does not split is an IagnError here,
+    before any model work), and the checkpoint's train_config records `world_size` and
+    `process_batch_size` (neither is part of the resume identity, `resume_identity`)."""
+    key = "train.batch_size" if hasattr(config, "stage") else "distill.batch_size"
+    per_process = process_batch_size(
+        config.batch_size, runtime.world_size, key, nodes=runtime.nodes
+    )
+    step_payload = fields.pop("payload")
+
+    def payload() -> dict:
+        recorded = step_payload()
+        layout = {"world_size": runtime.world_size, "process_batch_size": per_process}
+        return {**recorded, "train_config": {**recorded["train_config"], **layout}}
 
     def validate(trained: torch.nn.Module) -> dict[str, float]:
-        loader = val_loader(prepared, config)
+        loader = val_loader(prepared, config, runtime.world_size)
         shown = validate_view(trained) if validate_view else trained
         return accuracy_on(shown, loader, runtime.device, precision, prefix="val_")
 
@@ -122,7 +139,8 @@ def standard_spec(
             seed=config.seed,
             epoch=epoch,
             num_workers=config.num_workers,
-            distributed=runtime.distributed,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
         )
 
     return LoopSpec(
@@ -136,13 +154,15 @@ def standard_spec(
         seed=config.seed,
         validate_fn=validate,
         make_loader=train_loader,
+        payload=payload,
         **fields,
     )
 
 
-def val_loader(prepared, config):
-    """The validation split in evaluation order, at twice the training batch (no gradients)."""
-    return prepared.loader("val", train=False, batch_size=config.batch_size * 2)
+def val_loader(prepared, config, world_size: int = 1):
+    """The validation split in evaluation order, at twice a process's training batch (no
+    gradients, so the same memory): every rank validates the whole split."""
+    return prepared.loader("val", train=False, batch_size=config.batch_size // world_size * 2)
 
 
 def seed_everything(seed: int) -> None:
@@ -224,7 +244,7 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
     )
     scaler = grad_scaler(spec.precision, device)
     start_epoch, step, history = 0, 0, []
-    resumed = _resume_state(partial, spec)
+    resumed = _shared_resume_state(partial, spec, runtime)
     mid_epoch = None  # the per-rank state of an epoch stopped part-way (SIGTERM)
     saved: tuple[int, int] | None = None  # (epochs, batches) that `partial` holds
     if resumed is not None:
@@ -246,6 +266,15 @@ def run_loop(spec: LoopSpec, out: Path, runtime: Runtime, quiet: bool = False) -
             print(f"resuming {partial} {where}")
 
     wrapped = model
+    # BatchNorm stays per process (no SyncBatchNorm): each rank normalizes its own
+    # batch_size / W images (with their jigsaw and attention views). Measured on CPU (tests/
+    # test_multinode.py): W = 2 on the global batch trains as close to one process as the
+    # per-rank random draws (crops, flips, jigsaw) allow anyway; for one step of 4 images,
+    # other draws move the gradient by 131-141% of its norm, BatchNorm over two halves by
+    # 158%, so syncing BatchNorm alone would not bring the runs closer. It would cost one
+    # all-reduce per BatchNorm layer per forward (53 in ResNet-50; latency-bound across
+    # nodes), and PyTorch runs SyncBatchNorm on GPUs only. At the paper's batches (16+ per
+    # GPU) per-process statistics are the usual large-batch practice (Goyal et al. 2017).
     if runtime.distributed:
         ids = [device.index] if device.type == "cuda" else None
         wrapped = DistributedDataParallel(
@@ -391,7 +420,7 @@ def _prepare_mirror(spec: LoopSpec, partial: Path, runtime: Runtime) -> Mirror |
     main rank; every rank raises together if that failed."""
     if not spec.checkpoint_uri:
         return None
-    mirror = Mirror(spec.checkpoint_uri, fingerprint(spec.payload(), RESUME_IDENTITY))
+    mirror = Mirror(spec.checkpoint_uri, fingerprint(resume_identity(spec.payload())))
     error = None
     if runtime.is_main:
         try:
@@ -530,16 +559,67 @@ def finish_run(
 
 # What must match for a partial run to be continued rather than restarted.
 RESUME_IDENTITY = ("kind", "stage", "model_config", "train_config", "data", "init", "teacher")
+# train_config keys that say how the run was spread over processes, not what it trains
+# (the global batch, train.batch_size, is in the identity).
+LAYOUT_KEYS = ("world_size", "process_batch_size")
 
 
-def _resume_state(partial: Path, spec: LoopSpec) -> dict | None:
-    """The unfinished run at `partial` if it has this spec's identity, else None."""
+def resume_identity(payload: dict) -> dict:
+    """What a partial checkpoint is matched against: RESUME_IDENTITY of `payload`, with
+    train_config's LAYOUT_KEYS left out.
+
+    The number of processes may change between epochs: an epoch's batches are the same
+    global batches whatever the number of processes (iagn/train/data.py
+    `ShardedGlobalBatches`), so a run saved at an epoch boundary by W processes continues
+    on W' processes with the same global batch. A partial saved mid-epoch (SIGTERM) is
+    different: it holds each of its W ranks' position and random state, which do not map
+    onto another number of ranks, so `_resume_state` refuses it under W' != W with a clear
+    error (rerun with W processes to finish that epoch, or delete the partial) rather than
+    restarting the epoch from weights that already took part of it."""
+    identity = {key: payload.get(key) for key in RESUME_IDENTITY}
+    if isinstance(identity["train_config"], dict):
+        config = identity["train_config"]
+        identity["train_config"] = {k: v for k, v in config.items() if k not in LAYOUT_KEYS}
+    return identity
+
+
+def _shared_resume_state(partial: Path, spec: LoopSpec, runtime: Runtime) -> dict | None:
+    """`_resume_state` as rank 0 sees it, on every rank: only rank 0 writes the partial, so
+    on several nodes without a shared disk only rank 0 has it; every rank resumes from the
+    same state (or raises the same error)."""
+    answer: Any = None
+    if runtime.is_main:
+        try:
+            answer = _resume_state(partial, spec, runtime.world_size)
+        except IagnError as exc:
+            answer = ("error", str(exc))
+    answer = broadcast_from_main(answer, runtime)
+    if isinstance(answer, tuple):
+        raise IagnError(answer[1])
+    return answer
+
+
+def _resume_state(partial: Path, spec: LoopSpec, world_size: int = 1) -> dict | None:
+    """The unfinished run at `partial` if it has this spec's identity (`resume_identity`),
+    else None; an IagnError for a mid-epoch partial of another number of processes."""
     if not partial.is_file():
         return None
     try:
         previous = load_checkpoint(partial)
     except IagnError:
         return None  # a corrupt leftover is replaced, never trusted
-    current = spec.payload()
-    same = all(previous.get(key) == current.get(key) for key in RESUME_IDENTITY)
-    return previous if same else None
+    if resume_identity(previous) != resume_identity(spec.payload()):
+        return None
+    mid = previous.get("mid_epoch")
+    if mid and len(mid["ranks"]) != world_size:
+        saved_by = len(mid["ranks"])
+        raise IagnError(
+            f"{partial} holds epoch {previous['epoch'] + 1} stopped after batch {mid['batch']} "
+            f"by {saved_by} process(es); this run has {world_size}. A run stopped mid-epoch "
+            f"resumes only on as many processes (each one's place in the data and random "
+            f"state were saved): rerun with {saved_by} process(es) (params.yaml "
+            f"distributed: nodes x procs_per_node) to finish that epoch, then change it (a "
+            f"partial saved at an epoch's end resumes on any number of processes); or delete "
+            f"{partial} to start over. Nothing was trained or changed"
+        )
+    return previous
