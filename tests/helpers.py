@@ -112,3 +112,66 @@ def torchrun_stage1(*entry: str) -> list[str]:
         "--device",
         "cpu",
     ]
+
+
+def torchrun_node(
+    *entry: str,
+    nodes: int,
+    port: int,
+    run_id: str,
+    host: bool,
+    procs_per_node: int = 1,
+    max_restarts: int = 0,
+) -> list[str]:
+    """`entry` under one torchrun launcher acting as one of `nodes` nodes on this machine:
+    `procs_per_node` workers, a c10d rendezvous on 127.0.0.1:`port` that the `host`
+    launcher serves (the others connect to it), job `run_id`."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nodes),
+        "--nproc-per-node",
+        str(procs_per_node),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        run_id,
+        "--rdzv-conf",
+        f"is_host={int(host)}",
+        "--local-addr",
+        "127.0.0.1",
+        "--max-restarts",
+        str(max_restarts),
+        *entry,
+    ]
+
+
+def start_logged(args: list, cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A process in `cwd` with stdout and stderr in the file `log` (never a full pipe), the
+    venv's scripts on PATH."""
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    full_env = {**os.environ, "PATH": path, **(env or {})}
+    with open(log, "w") as sink:
+        return subprocess.Popen(
+            [str(a) for a in args], cwd=cwd, env=full_env, stdout=sink, stderr=subprocess.STDOUT
+        )
+
+
+def torchrun_workers(launcher_pid: int) -> dict[int, int]:
+    """{global rank: pid} of the workers a torchrun launcher runs now (its descendants
+    with RANK in their environment)."""
+    import psutil
+
+    workers = {}
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if rank is not None:
+            workers[int(rank)] = child.pid
+    return workers
