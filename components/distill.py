@@ -1,5 +1,7 @@
 """distill: the finished teacher teaches the compact student (iagn.runner.distill)."""
 
+from typing import Optional
+
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
@@ -20,6 +22,8 @@ def distill(
     accelerator: str = "",
     image: str = "",
     secret: str = "",
+    node_selector: Optional[dict] = None,  # noqa: UP045 (KFP reads Optional, not X | None)
+    tolerations: Optional[list] = None,  # noqa: UP045
 ):
     """Distill the stage-3 teacher into the single-head student that is served.
 
@@ -37,6 +41,8 @@ def distill(
         accelerator: The GPUs' resource name, for a TrainJob's resources per node.
         image: The image a TrainJob runs (the pipeline's).
         secret: The Kubernetes secret a TrainJob's pods read credentials from.
+        node_selector: A TrainJob's nodes' node selector.
+        tolerations: A TrainJob's nodes' tolerations (default: the GPUs' usual taint).
     """
     from components.runtime import (
         configure_step,
@@ -76,6 +82,7 @@ def distill(
             ),
             image=image,
             secret=secret,
+            placement={"node_selector": node_selector, "tolerations": tolerations},
         )
     log_metrics(metrics, last_epoch)
     student.metadata.update({"framework": "pytorch", "kind": "student"})

@@ -97,10 +97,12 @@ def scaled_params(
         overrides["distributed.nodes"] = nodes
     if gpus > 0:  # this pod's GPUs, or each node's: one process per GPU
         overrides["distributed.procs_per_node"] = gpus
-        if accelerator and nodes > 1:
-            overrides[f"distributed.resources_per_node.{accelerator}"] = gpus
     settings.setdefault("distributed", {})
-    return apply_overrides(settings, overrides)
+    settings = apply_overrides(settings, overrides)
+    if accelerator and gpus > 0 and nodes > 1:  # a resource name has dots: not an override
+        resources = settings["distributed"].get("resources_per_node") or {}
+        settings["distributed"]["resources_per_node"] = {**resources, accelerator: gpus}
+    return settings
 
 
 def run_training(
@@ -111,12 +113,14 @@ def run_training(
     here: Any,
     image: str = "",
     secret: str = "",
+    placement: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run a training step at the scale `settings` ask for; its last epoch's metrics.
 
     `command` is the `iagn` command line of the step, its file arguments `{name}` for the
     paths in `files` (`out`: the checkpoint written; None: left out with its flag) plus
     `{params}`; `here()` runs the step in this process instead (one process, as always).
+    `placement` (node_selector, tolerations) goes to a TrainJob's nodes.
     """
     import tempfile
 
@@ -138,6 +142,7 @@ def run_training(
         argv = _fill(command, paths)
         if scale.on_trainer:
             from iagn.trainjob import run_on_trainer
+            from iagn.trainjob.staging import check_writable
 
             if not image:
                 raise IagnError(
@@ -152,6 +157,9 @@ def run_training(
                     "distributed.storage_uri (or train.checkpoint_uri) to an s3:// URI or a "
                     "volume every node mounts"
                 )
+            checkpoints = (settings.get("train") or {}).get("checkpoint_uri")
+            if checkpoints:  # the nodes write there: unreachable is an error before any GPU
+                check_writable(checkpoints, "train.checkpoint_uri", "fix train.checkpoint_uri")
             inputs = {name: Path(p) for name, p in paths.items() if name != "out"}
             run_on_trainer(
                 step=_job_step(step, settings),
@@ -162,6 +170,8 @@ def run_training(
                 image=image,
                 secret=secret,
                 storage_uri=str(storage),
+                node_selector=(placement or {}).get("node_selector") or None,
+                tolerations=(placement or {}).get("tolerations") or None,
             )
         else:
             code = run_under_torchrun(scale, argv)

@@ -1,5 +1,7 @@
 """train-stage: one progressive IAGN stage (iagn.runner.train_stage), resuming the previous."""
 
+from typing import Optional
+
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
@@ -21,6 +23,8 @@ def train_stage(
     accelerator: str = "",
     image: str = "",
     secret: str = "",
+    node_selector: Optional[dict] = None,  # noqa: UP045 (KFP reads Optional, not X | None)
+    tolerations: Optional[list] = None,  # noqa: UP045
 ):
     """Train stage `stage` of the IAGN teacher from the previous stage's checkpoint.
 
@@ -39,6 +43,8 @@ def train_stage(
         accelerator: The GPUs' resource name, for a TrainJob's resources per node.
         image: The image a TrainJob runs (the pipeline's).
         secret: The Kubernetes secret a TrainJob's pods read credentials from.
+        node_selector: A TrainJob's nodes' node selector.
+        tolerations: A TrainJob's nodes' tolerations (default: the GPUs' usual taint).
     """
     from components.runtime import (
         configure_step,
@@ -71,6 +77,7 @@ def train_stage(
             ),
             image=image,
             secret=secret,
+            placement={"node_selector": node_selector, "tolerations": tolerations},
         )
     log_metrics(metrics, last_epoch)
     model.metadata.update({"framework": "pytorch", "kind": "teacher", "stage": stage})

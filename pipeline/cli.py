@@ -88,6 +88,13 @@ def _add_compile_options(parser: argparse.ArgumentParser) -> None:
         'nodes")',
     )
     group.add_argument(
+        "--shared-volume",
+        default="",
+        metavar="CLAIM",
+        help="with --nodes: a PersistentVolumeClaim the TrainJob launchers mount, for "
+        "distributed.storage_uri: pvc://CLAIM/path (the nodes mount it too)",
+    )
+    group.add_argument(
         "--secret",
         default="iagn-credentials",
         help="Kubernetes secret with the S3 and MLflow credentials ('' = none)",
@@ -129,6 +136,11 @@ def _options(args: argparse.Namespace, retries: bool = True):
         )
     if args.nodes < 1:
         raise IagnError(f"--nodes must be 1 or more, got {args.nodes}")
+    if args.shared_volume and args.nodes == 1:
+        raise IagnError(
+            "--shared-volume is the TrainJobs' storage: it needs --nodes 2 or more (one node "
+            "trains in its own pod, with no storage between pods)"
+        )
     if has_credentials(args.tracking_uri):
         raise IagnError(
             "--tracking-uri carries credentials, which would be readable in the compiled "
@@ -140,6 +152,7 @@ def _options(args: argparse.Namespace, retries: bool = True):
         accelerator=args.accelerator,
         gpus=args.gpus,
         nodes=args.nodes,
+        shared_volume=args.shared_volume,
         secret=args.secret,
         node_selector=dict(args.node_selector),
         tolerations=list(args.toleration),

@@ -66,6 +66,7 @@ class CompileOptions:
     accelerator: str = DEFAULT_ACCELERATOR
     gpus: int = 1
     nodes: int = 1  # > 1: training and distillation run as Kubeflow Trainer TrainJobs
+    shared_volume: str = ""  # a PVC the TrainJob launchers mount (distributed.storage_uri pvc://)
     secret: str = DEFAULT_SECRET  # "" = no secret (e.g. a cluster with workload identity)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
@@ -153,12 +154,20 @@ class Tasks:
         if options.nodes > 1:
             # A TrainJob runs the pipeline's image with the pipeline's secret.
             scale.update(nodes=p["nodes"], image=p["image"], secret=options.secret)
+            scale.update(node_selector=p["node_selector"], tolerations=p["tolerations"])
         return scale
 
     def place(self, task: PipelineTask) -> PipelineTask:
         p = self.p
-        if self.options.nodes > 1:
-            return task  # the task only launches the TrainJob: no GPU, any node
+        if self.options.nodes > 1:  # the task only launches the TrainJob: no GPU, any node
+            claim = self.options.shared_volume
+            if claim:  # where pvc://CLAIM/... storage is, on the launcher as on the nodes
+                from kfp import kubernetes
+
+                from iagn.trainjob.names import SHARED_ROOT
+
+                kubernetes.mount_pvc(task, pvc_name=claim, mount_path=f"{SHARED_ROOT}/{claim}")
+            return task
         return _placement(
             task,
             p["node_selector"],

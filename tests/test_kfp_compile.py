@@ -274,6 +274,7 @@ def test_gpu_steps_get_their_gpu_count_as_processes(gpu: Compiled, default: Comp
 def multinode(tmp_path_factory) -> Compiled:
     path = tmp_path_factory.mktemp("compile-nodes") / "nodes.yaml"
     argv = ["compile", "-o", path, "--gpu", "--gpus", "4", "--nodes", "2", "--image", TEST_IMAGE]
+    argv += ["--shared-volume", "trainjobs"]
     result = run([BIN / "iagn-pipeline", *argv], cwd=REPO_ROOT)
     assert "training runs as 2-node TrainJobs" in result.stdout
     return Compiled(path)
@@ -288,10 +289,17 @@ def test_several_nodes_make_the_training_tasks_trainjob_launchers(multinode: Com
         assert wired == {"nodes": "pipelinechannel--nodes", "gpus": "pipelinechannel--gpu_count"}
         assert inputs["image"].component_input_parameter == "pipelinechannel--image"
         assert inputs["secret"].runtime_value.constant.string_value == "iagn-credentials"
-    # The launchers hold no GPU: the TrainJob's nodes do (resources per node).
+        # The GPU pool's placement goes to the TrainJob's nodes.
+        for name in ("node_selector", "tolerations"):
+            assert inputs[name].component_input_parameter == f"pipelinechannel--{name}"
+    # The launchers hold no GPU (the TrainJob's nodes do), go to any node, and mount the
+    # shared volume where pvc://trainjobs/... storage is.
     for name in GPU_EXECUTORS:
         resources = multinode.executors[name].container.resources
         assert not resources.HasField("accelerator"), name
+        assert not multinode.k8s[name].HasField("node_selector"), name
+        (mount,) = multinode.k8s[name].pvc_mount
+        assert (mount.constant, mount.mount_path) == ("trainjobs", "/mnt/iagn-shared/trainjobs")
 
 
 @pytest.mark.parametrize(
@@ -299,6 +307,7 @@ def test_several_nodes_make_the_training_tasks_trainjob_launchers(multinode: Com
     [
         (["--nodes", "0"], "--nodes must be 1 or more, got 0"),
         (["--gpu", "--gpus", "0"], "--gpus must be 1 or more"),
+        (["--shared-volume", "x"], "--shared-volume is the TrainJobs' storage: it needs --nodes"),
     ],
 )
 def test_no_nodes_or_gpus_is_refused(flags, message, tmp_path):

@@ -6,6 +6,7 @@ the processes run on the CPU (gloo). Its output artifact is rank 0's checkpoint,
 metrics the last epoch's, and a task left at the defaults trains in its own process.
 """
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,30 @@ def test_a_task_at_the_defaults_trains_in_its_own_process(outputs):
 def test_distillation_scales_the_same_way(outputs):
     student = checkpoint(outputs, "distill", "student")
     assert student["complete"] and student["train_config"]["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("distributed", "image", "message"),
+    [
+        ({"nodes": 2, "storage_uri": "s3://b/p"}, "", "compile it with `iagn-pipeline compile"),
+        ({"nodes": 2}, "registry/iagn:1", "set distributed.storage_uri"),
+        ({"nodes": 0}, "registry/iagn:1", "distributed.nodes must be a whole number of 1"),
+    ],
+)
+def test_several_nodes_without_what_a_trainjob_needs_is_refused(
+    distributed, image, message, tmp_path
+):
+    from components.runtime import run_training
+    from iagn.errors import IagnError
+
+    settings = {"train": {"checkpoint_uri": None}, "distributed": distributed}
+    with pytest.raises(IagnError, match=re.escape(message)):
+        run_training(
+            "stage1",
+            ["train-stage", "--stage", "1", "--out", "{out}"],
+            {"out": str(tmp_path / "model")},
+            settings,
+            here=lambda: pytest.fail("must not train"),
+            image=image,
+        )
+    assert list(tmp_path.iterdir()) == []

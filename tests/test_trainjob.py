@@ -716,3 +716,68 @@ def test_an_unreachable_checkpoint_uri_is_named(s3, monkeypatch):
         error.value
     )
     assert "fix train.checkpoint_uri" in str(error.value)
+
+
+# --- the KFP training components' side: params.yaml's distributed: reaches the TrainJob ----
+
+
+def test_the_training_components_launch_a_trainjob_from_the_params(cluster, tmp_path, monkeypatch):
+    """components.runtime.run_training, what train-stage and distill call: a run whose params
+    say `distributed.nodes: 2` (or whose task has nodes=2) becomes a TrainJob of the step's
+    command, the run's params travel with it, and the last epoch's metrics come back."""
+    from components.runtime import run_training, scaled_params
+
+    namespace_file = tmp_path / "namespace"  # the pod's service-account namespace
+    namespace_file.write_text(NAMESPACE)
+    monkeypatch.setattr(names, "SERVICE_ACCOUNT_NAMESPACE", namespace_file)
+    data = tmp_path / "dataset"
+    (data / "images").mkdir(parents=True)
+    settings = scaled_params(
+        {"train": {"checkpoint_uri": None}, "distributed": {"storage_uri": cluster.storage}},
+        nodes=2,
+        gpus=4,
+        accelerator="nvidia.com/gpu",
+    )
+    out = tmp_path / "out" / "model"
+    out.parent.mkdir()
+    name = job_name(RUN_ID, "stage1")
+    seen: dict = {}
+
+    def finish(job: dict) -> None:
+        seen["job"] = job
+        metrics = json.dumps({"val_acc": 0.75}).encode()
+        outputs = {"model": b"weights", "model.metrics.json": metrics}
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            for filename, content in outputs.items():
+                (Path(folder) / filename).write_bytes(content)
+            Store(f"{cluster.storage}/{name}").push_outputs({"out": Path(folder)})
+        cluster.set_condition(name, m.COMPLETE, "JobSetCompleted", "done")
+
+    def in_this_process():
+        raise AssertionError("two nodes: the step must not train in the task's process")
+
+    with Controller(cluster, name, finish):
+        last_epoch = run_training(
+            "stage1",
+            [
+                *("train-stage", "--stage", "1", "--data", "{dataset}", "--params", "{params}"),
+                *("--init", "{init}", "--out", "{out}"),
+            ],
+            {"dataset": str(data), "init": None, "out": str(out)},
+            settings,
+            here=in_this_process,
+            image=IMAGE,
+            secret=SECRET,
+            placement={"node_selector": {"pool": "a100"}, "tolerations": []},
+        )
+    assert last_epoch == {"val_acc": 0.75} and out.read_bytes() == b"weights"
+    trainer = seen["job"]["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 4)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "4"  # a quantity
+    spec = json.loads(next(e["value"] for e in trainer["env"] if e["name"] == m.NODE_SPEC_ENV))
+    # No --init for stage 1; the params the run resolved travel as an input of their own.
+    assert "--init" not in spec["argv"] and "{params}" in spec["argv"]
+    staged = Store(f"{cluster.storage}/{name}").marker("inputs.json")
+    assert set(staged["inputs"]) == {"dataset", "params"}
