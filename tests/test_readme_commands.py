@@ -77,6 +77,7 @@ RUN = {
     "dvc plots diff HEAD",
     "iagn remote push",
     "iagn-pipeline compile -o iagn_pipeline.yaml",
+    "iagn-pipeline compile --gpu --gpus 4 --nodes 2 -o iagn_pipeline.yaml",
     "iagn-pipeline sweep --grid stage3.epochs=4,8 --grid train.lr_head=0.01,0.02 -o "
     "iagn_sweep.yaml",
     # after the `iagn register` above: its champion, version 1, has a card
@@ -90,7 +91,22 @@ RUN = {
 }
 
 # Not run here, and why.
+NO_CLUSTER = (
+    "needs a Kubernetes cluster with Kubeflow Trainer; tests/test_trainjob.py runs the "
+    "launcher against kmock's Kubernetes API and plays Trainer's controller"
+)
 SKIPPED = {
+    'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/'
+    'manager?ref=v2.3.0"': NO_CLUSTER,
+    'kubectl apply --server-side -k "https://github.com/kubeflow/trainer.git/manifests/overlays/'
+    'runtimes?ref=v2.3.0"': NO_CLUSTER,
+    "kubectl get clustertrainingruntimes": NO_CLUSTER,
+    "kubectl apply -f deploy/trainer/rbac.yaml": NO_CLUSTER + "; tests/test_trainjob_rbac.py "
+    "checks the manifests grant exactly the calls the code makes",
+    "iagn-pipeline submit --host https://kfp.example.com --experiment iagn --gpu --gpus 4 "
+    "--nodes 2 --param distributed.storage_uri=s3://ml-artifacts/iagn-trainjobs --param "
+    "train.checkpoint_uri=s3://ml-artifacts/iagn-ckpt/run-42": NO_CLUSTER,
+    "kubectl -n kubeflow get trainjobs -l app.kubernetes.io/managed-by=iagn": NO_CLUSTER,
     "make demo": "sets up .venv (pip) and runs the DAG at demo scale (7 min); "
     "tests/test_kfp_local.py runs the same `iagn-pipeline run-local` on the smoke configuration",
     "make test": "the test suite itself",
