@@ -442,6 +442,13 @@ def test_a_retried_task_reattaches_to_its_job(cluster, tmp_path, monkeypatch):
 # --- a failed job -------------------------------------------------------------------------
 
 
+@pytest.mark.fault(
+    "a TrainJob that fails (a node crashes, its deadline passes)",
+    sees="the task fails with `TrainJob iagn-stage2-... failed: <reason>: <message>` and the "
+    "last warning events; a retry deletes the failed job and creates it anew",
+    kept="the staged inputs; the durable checkpoint (train.checkpoint_uri), which the retry "
+    "resumes from",
+)
 def test_a_failed_job_reports_its_reason_and_a_retry_starts_it_again(cluster, tmp_path):
     name = job_name(RUN_ID, "stage2")
 
@@ -492,6 +499,11 @@ run_on_trainer(step="distill", argv=["distill", "--data", "{dataset}", "--out", 
 """
 
 
+@pytest.mark.fault(
+    "the TrainJob's launcher task cancelled or timed out in KFP (SIGTERM)",
+    sees="`SIGTERM: deleting TrainJob ...`, exit 143; the job, its JobSet and pods are gone",
+    kept="the staged inputs and the durable checkpoint",
+)
 def test_sigterm_deletes_the_job(cluster, tmp_path):
     step_call(tmp_path, cluster)  # the dataset folder
     name = job_name(RUN_ID, "distill")
@@ -568,6 +580,15 @@ BAD_INPUT = [
 ]
 
 
+@pytest.mark.fault(
+    "a step on several nodes whose Trainer runtime is missing, whose secret is missing or "
+    "lacks a key, whose storage is not writable, with 0 nodes or GPUs, or outside a KFP run",
+    sees="the task fails before any TrainJob exists: `Kubeflow Trainer runtime 'x' "
+    "(distributed.runtime) does not exist ...; the runtimes there are: torch-distributed "
+    "(ClusterTrainingRuntime)` / `the Kubernetes secret 'x' does not exist in namespace "
+    "kubeflow` / `TrainJob storage s3://... is not writable: ...`",
+    kept="everything: nothing is created on the cluster, no GPU is requested",
+)
 @pytest.mark.parametrize(("changes", "prepare", "message"), BAD_INPUT)
 def test_bad_input_fails_before_any_job(cluster, tmp_path, changes, prepare, message):
     if prepare:
