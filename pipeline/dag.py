@@ -33,23 +33,15 @@ from kfp.dsl import PipelineTask
 
 from iagn.provenance import ENV_KFP_RUN as RUN_ID_ENV
 
+# The secret's keys, each exposed as the environment variable of the same name: one list for
+# the pipeline's tasks and a TrainJob's nodes.
+from iagn.trainjob.manifest import SECRET_KEYS_OPTIONAL, SECRET_KEYS_REQUIRED
+
 PIPELINE_NAME = "iagn"
 DEFAULT_SECRET = "iagn-credentials"
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"
 # The usual taint of GPU node pools (GKE, EKS, the NVIDIA GPU operator).
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
-# The secret's keys, each exposed as the environment variable of the same name.
-SECRET_KEYS_REQUIRED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-SECRET_KEYS_OPTIONAL = (
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
 FETCH_RETRIES = 3
 REGISTER_RETRIES = 2

@@ -670,11 +670,9 @@ def test_an_unknown_field_fails_the_round_trip():
             m.checked(bad)
 
 
-def test_the_secret_keys_are_the_pipelines():
+def test_the_tests_secret_is_the_pipelines_default():
     from pipeline import dag
 
-    assert m.SECRET_KEYS_REQUIRED == dag.SECRET_KEYS_REQUIRED
-    assert m.SECRET_KEYS_OPTIONAL == dag.SECRET_KEYS_OPTIONAL
     assert dag.DEFAULT_SECRET == SECRET
 
 

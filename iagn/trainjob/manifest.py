@@ -59,8 +59,8 @@ LABEL_STEP = "iagn/step"
 LABEL_RUN = "iagn/kfp-run-id"
 ANNOTATION_STEP, ANNOTATION_RUN, ANNOTATION_STORAGE = "iagn/step", "iagn/kfp-run-id", "iagn/storage"
 
-# The secret's keys, each exposed as the variable of the same name: the same lists as
-# pipeline/dag.py's SECRET_KEYS_* (tests/test_trainjob.py checks that they agree).
+# The pipeline secret's keys, each exposed as the variable of the same name, in the
+# pipeline's tasks (pipeline/dag.py) as on a TrainJob's nodes.
 SECRET_KEYS_REQUIRED = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 SECRET_KEYS_OPTIONAL = (
     "AWS_SESSION_TOKEN",
