@@ -154,3 +154,46 @@ def test_student_speed_times_the_teacher_and_every_student_shape(tmp_path, monke
     three = models["student, stride 8, 3 layers"]["parameters"]
     assert three < models["student, stride 8, 4 layers"]["parameters"] / 3
     assert "| teacher (fused, served) |" in (tmp_path / "student_speed.md").read_text()
+
+
+def test_scaling_paper_recipe_runs_its_plan_on_the_cpu_and_writes_results(tmp_path, monkeypatch):
+    """`python -m bench.scaling --recipe paper` at a toy size with --device cpu: the GPU plan
+    (1 process, then all of them under torchrun) on CPU processes, results written."""
+    from bench import scaling
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    argv = ["--recipe", "paper", "--device", "cpu", "--backbone", "resnet18", "--px", "64"]
+    scaling.main([*argv, "--batch-size", "2", "--steps", "2", "--warmup", "0", "--repeats", "1"])
+
+    data = json.loads((tmp_path / "scaling_paper.json").read_text())
+    settings = data["settings"]
+    assert settings["recipe"] == "paper" and settings["config"] == "configs/cub.yaml"
+    assert settings["backbone"] == "resnet18" and settings["image_px"] == 64
+    assert settings["batch_size"] == 2 and settings["stage_channels"] == 512
+    results = data["results"]
+    assert list(results) == ["1 process", "1 node x 2"]
+    one, two = results["1 process"], results["1 node x 2"]
+    assert (one["world_size"], one["process_batch_size"]) == (1, 2)
+    assert (two["world_size"], two["process_batch_size"]) == (2, 1)  # the global batch split
+    cores = data["machine"]["cores"]
+    assert one["threads_per_process"] == cores and two["threads_per_process"] == max(1, cores // 2)
+    assert data["machine"]["device"] == one["device"]  # what ran it: here the CPU model
+    assert one["device"].startswith(data["machine"]["cpu"])
+    for row in results.values():
+        assert len(row["launch_medians_s"]) == 1
+        assert abs(row["images_per_s"] * row["seconds_per_step"] - 2) < 1e-9
+        expected = row["images_per_s"] / (row["world_size"] * one["images_per_s"])
+        assert row["scaling_efficiency"] == pytest.approx(expected)
+    assert one["scaling_efficiency"] == 1.0
+    assert set(data["load"]) == {"load_average_start", "load_average_end"}
+    table = (tmp_path / "scaling_paper.md").read_text()
+    assert "| 1 node x 2 | 2 | 1 |" in table and data["machine"]["cpu"] in table
+
+
+def test_scaling_paper_recipe_without_a_gpu_says_so(monkeypatch):
+    from bench import scaling
+    from iagn.train import scale
+
+    monkeypatch.setattr(scale, "visible_gpus", lambda: 0)
+    with pytest.raises(SystemExit, match="has none visible; run it on a GPU node"):
+        scaling.main(["--recipe", "paper"])
