@@ -13,11 +13,12 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import DVC_TIMEOUT_S, dvc, tiny_dvc_project
-from mlflow_server import STEP_RUNS, experiment_runs, mlflow_server
+from helpers import BIN, DVC_TIMEOUT_S, GIT_IDENTITY, dvc, tiny_dvc_project
+from mlflow_server import STEP_RUNS, experiment_runs, mlflow_server, stop_group
 
 from iagn import provenance
 from iagn.tracking import parent, store
@@ -64,28 +65,73 @@ def wait_for_queue(project: Path, env: dict, seconds: float) -> dict[str, str]:
     raise AssertionError(f"the queue did not finish within {seconds:.0f} s: {status}")
 
 
+@dataclass
+class Queue:
+    project: Path
+    env: dict
+    started: float  # time.monotonic() when the workers started
+    starter: subprocess.Popen  # `dvc queue start`
+
+
+_QUEUE: dict[str, Queue] = {}
+
+
+def start_queue(request: pytest.FixtureRequest) -> Queue:
+    """The tiny project with both trials queued and DVC's workers started, once per session.
+
+    The workers run in the background (as `dvc queue start` leaves them), so a module that
+    runs before this one can start them: tests/test_dvc_pipeline.py does, when this module's
+    tests are in the session, and its own pipeline runs share the two cores with them."""
+    if "queue" not in _QUEUE:
+        server = request.getfixturevalue("mlflow_server")
+        factory = request.getfixturevalue("tmp_path_factory")
+        project = tiny_dvc_project(factory.mktemp("dvc-sweep") / "clone")
+        env = server.env(EXPERIMENT)
+        for name, overrides in TRIALS.items():
+            sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
+            dvc("exp", "run", "--queue", *sets, "--name", name, cwd=project, env=env)
+        started = time.monotonic()
+        # Not waited for: its workers hold its output open until they end (one idle worker
+        # was seen to stay for minutes after the queue had finished, until `queue stop`).
+        log = (project.parent / "queue-start.log").open("w")
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # the stages run `iagn`
+        starter = subprocess.Popen(
+            [BIN / "dvc", "queue", "start", "-j", str(JOBS)],
+            cwd=project,
+            env={**os.environ, **GIT_IDENTITY, "PATH": path, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its workers in its process group (stop_group)
+        )
+        log.close()
+
+        def stop() -> None:  # workers and any experiment still running end with the session
+            dvc("queue", "stop", "--kill", cwd=project, env=env, check=False)
+            stop_group(starter)
+
+        request.config.add_cleanup(stop)
+        _QUEUE["queue"] = Queue(project, env, started, starter)
+    return _QUEUE["queue"]
+
+
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, mlflow_server):
+def sweep(request, mlflow_server):
     """The tiny project with both trials queued and run; (project, seconds the queue took)."""
-    project = tiny_dvc_project(tmp_path_factory.mktemp("dvc-sweep") / "clone")
-    env = mlflow_server.env(EXPERIMENT)
-    for name, overrides in TRIALS.items():
-        sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
-        dvc("exp", "run", "--queue", *sets, "--name", name, cwd=project, env=env)
-    started = time.monotonic()
+    queue = start_queue(request)
     try:
-        dvc("queue", "start", "-j", str(JOBS), cwd=project, env=env)
-        wait_for_queue(project, env, DVC_TIMEOUT_S)
+        wait_for_queue(queue.project, queue.env, DVC_TIMEOUT_S)
+        seconds = time.monotonic() - queue.started
     finally:
-        dvc("queue", "stop", cwd=project, env=env, check=False)  # idle workers end too
-    return project, time.monotonic() - started
+        dvc("queue", "stop", cwd=queue.project, env=queue.env, check=False)  # idle workers end
+        stop_group(queue.starter)  # and any worker that stays
+    return queue.project, seconds
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two tiny pipelines: about 3 minutes on 2 quiet cores
 def test_exp_show_lists_the_queued_trials(sweep):
     project, seconds = sweep
-    print(f"dvc queue start -j {JOBS}: {len(TRIALS)} experiments in {seconds:.0f} s")
+    print(f"dvc queue start -j {JOBS}: {len(TRIALS)} experiments done within {seconds:.0f} s")
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
     experiments = {
         exp["name"]: exp["revs"][0]["data"]
