@@ -466,3 +466,8 @@ def test_paper_scale_config_is_complete_and_matches_the_recipe():
         assert (config.lr_head, config.lr_backbone, config.weight_decay) == (0.002, 0.0002, 5e-4)
     assert distill_config(params).student == "resnet18"
     assert set(params) >= set(load_params(REPO_ROOT / "params.yaml"))
+    from iagn.train.scale import scale_from_params
+
+    # One process per GPU: 16 images a step stay the global batch on 1 to 16 GPUs.
+    assert scale_from_params(params, gpus=4).procs_per_node == 4
+    assert scale_from_params(params, gpus=0).world_size == 1
