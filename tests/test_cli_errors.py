@@ -59,6 +59,7 @@ TEXT_ARGUMENTS = {
     "--image": "a container image reference",
     "--accelerator": "a Kubernetes resource name",
     "--secret": "a Kubernetes secret name",
+    "--shared-volume": "a Kubernetes PersistentVolumeClaim name (mounted on the cluster)",
     "--data-repo": "the default of a pipeline parameter, read on the cluster, not here",
     "--data-rev": "the default of a pipeline parameter",
     "--tracking-uri": "the default of a pipeline parameter (a URI)",
