@@ -13,7 +13,7 @@ from helpers import dvc, iagn, run, tiny_dvc_project
 from mlflow.tracking import MlflowClient
 from mlflow_server import mlflow_server
 
-__all__ = ["mlflow_server"]  # the session's MLflow server: test_dvc_sweep's queue tracks to it
+__all__ = ["mlflow_server"]  # the session's MLflow server: the runs started below track to it
 
 STAGES = ("validate", "stage1", "stage2", "stage3", "distill", "evaluate", "register")
 
@@ -22,20 +22,30 @@ def ran(output: str) -> set[str]:
     return {stage for stage in STAGES if f"Running stage '{stage}'" in output}
 
 
+def selected(request: pytest.FixtureRequest, module: str, fixture: str) -> bool:
+    """Whether this session runs a test of `module` that uses `fixture`."""
+    return any(
+        item.path.name == module and fixture in getattr(item, "fixturenames", ())
+        for item in request.session.items
+    )
+
+
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory, request) -> Path:
     """A fresh clone with the tiny configuration committed and its dataset generated.
 
-    When tests/test_dvc_sweep.py runs in the same session, its DVC queue starts first: its
-    workers run in the background while this module's pipelines run, each of which keeps
-    about one core busy (one stage process at a time), so the two share the cores."""
-    if any(
-        item.path.name == "test_dvc_sweep.py" and "sweep" in getattr(item, "fixturenames", ())
-        for item in request.session.items
-    ):
+    This module's pipelines keep about one core busy (one stage process at a time), so the
+    slow runs of two later modules start first when they are in the session, and run in the
+    background meanwhile: tests/test_dvc_sweep.py's DVC queue and tests/test_kfp_local.py's
+    `iagn-pipeline run-local`. Those modules wait for them and check their results."""
+    if selected(request, "test_dvc_sweep.py", "sweep"):
         from test_dvc_sweep import start_queue
 
         start_queue(request)
+    if selected(request, "test_kfp_local.py", "local_run"):
+        from test_kfp_local import start_local_run
+
+        start_local_run(request)
     return tiny_dvc_project(tmp_path_factory.mktemp("dvc") / "clone")
 
 

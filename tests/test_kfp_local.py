@@ -12,15 +12,25 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import dvc_project
-from helpers import BIN, run
-from mlflow_server import SECRETS, STEP_RUNS, TRACKING_PASSWORD, TRACKING_USER, mlflow_server
+from helpers import BIN, GIT_IDENTITY, run
+from mlflow_server import (
+    SECRETS,
+    STEP_RUNS,
+    TRACKING_PASSWORD,
+    TRACKING_USER,
+    mlflow_server,
+    stop_group,
+)
 
 from iagn.errors import IagnError
 from iagn.params import apply_overrides, load_params
@@ -56,29 +66,68 @@ OPEN_GATE = (
 )
 
 
+@dataclass
+class LocalRun:
+    project: Path
+    process: subprocess.Popen
+    out: Path  # the command's stdout and stderr, in files: nobody reads a pipe meanwhile
+    err: Path
+
+
+_RUN: dict[str, LocalRun] = {}
+
+
+def start_local_run(request: pytest.FixtureRequest) -> LocalRun:
+    """`iagn-pipeline run-local` on a git + DVC project with the tiny configuration (its
+    dataset pushed to a remote), its credentials in the environment only: started once per
+    session, in the background. A module that runs before this one can start it:
+    tests/test_dvc_pipeline.py does, when this module's run-local tests are in the session,
+    so its one-stage-at-a-time pipelines and the run share the cores."""
+    if "run" not in _RUN:
+        server = request.getfixturevalue("mlflow_server")
+        base = request.getfixturevalue("tmp_path_factory").mktemp("kfp-local")
+        project = dvc_project(base)
+        out, err = base / "run-local.out", base / "run-local.err"
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            process = subprocess.Popen(
+                [
+                    BIN / "iagn-pipeline",
+                    "run-local",
+                    f"--param=model_name={MODEL}",
+                    f"--param=experiment={EXPERIMENT}",
+                    *[f"--param={item}" for item in OPEN_GATE],
+                ],
+                cwd=project,
+                env={**os.environ, **GIT_IDENTITY, "PATH": path, **server.env(EXPERIMENT)},
+                stdout=stdout,
+                stderr=stderr,
+                text=True,
+                start_new_session=True,  # stopped with its tasks if the session ends first
+            )
+        request.config.add_cleanup(lambda: stop_group(process))
+        _RUN["run"] = LocalRun(project, process, out, err)
+    return _RUN["run"]
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A git + DVC project with the tiny configuration and its dataset pushed to a remote."""
+    """The run's project where it was started, else one of its own."""
+    if "run" in _RUN:
+        return _RUN["run"].project
     return dvc_project(tmp_path_factory.mktemp("kfp-local"))
 
 
 @pytest.fixture(scope="module")
-def local_run(project, mlflow_server):
-    """`iagn-pipeline run-local` once, its credentials in the environment only."""
-    env = mlflow_server.env(EXPERIMENT)
-    params = [f"--param={item}" for item in OPEN_GATE]
-    result = run(
-        [
-            BIN / "iagn-pipeline",
-            "run-local",
-            f"--param=model_name={MODEL}",
-            f"--param=experiment={EXPERIMENT}",
-            *params,
-        ],
-        cwd=project,
-        env=env,
-        check=False,
-        timeout=900,
+def local_run(request, mlflow_server):
+    """`iagn-pipeline run-local`'s result, once it has ended."""
+    started = start_local_run(request)
+    started.process.wait(timeout=900)
+    result = subprocess.CompletedProcess(
+        started.process.args,
+        started.process.returncode,
+        started.out.read_text(),
+        started.err.read_text(),
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     return result
@@ -116,7 +165,8 @@ def test_run_local_registers_a_champion_under_one_parent_run(local_run, mlflow_s
     assert version.tags["iagn.pipeline_run_id"] == parent.info.run_id
 
 
-def test_run_local_leaves_the_kfp_outputs(local_run, project):
+def test_run_local_leaves_the_kfp_outputs(local_run):
+    project = _RUN["run"].project
     run_dirs = sorted((project / "build" / "kfp").glob("iagn-*"))
     assert len(run_dirs) == 1
     outputs = run_dirs[0]
@@ -142,7 +192,8 @@ def test_run_local_leaves_the_kfp_outputs(local_run, project):
     assert f"(`iagn models card {MODEL}@champion`;" in local_run.stdout
 
 
-def test_run_local_prints_a_line_per_task_and_logs_the_rest(local_run, project):
+def test_run_local_prints_a_line_per_task_and_logs_the_rest(local_run):
+    project = _RUN["run"].project
     out = local_run.stdout
     assert sorted(STARTED.findall(out)) == sorted(TASKS), "one start line per task"
     ended = ENDED.findall(out)

@@ -29,6 +29,9 @@ import pytest
 import yaml
 from conftest import REPO_ROOT, smoke_params
 from helpers import BIN, GIT_IDENTITY, dvc, run
+from mlflow_server import mlflow_server
+
+__all__ = ["mlflow_server"]  # the session's MLflow server: test_sweep's local sweep tracks to it
 
 README = REPO_ROOT / "README.md"
 
@@ -288,9 +291,19 @@ def test_every_command_is_run_or_skipped():
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> dict:
+def project(tmp_path_factory, request) -> dict:
     """A fresh clone with the smoke params.yaml and its dataset committed and pushed to the
-    clone's DVC remote; HOME with ~/datasets; the environment the blocks run in."""
+    clone's DVC remote; HOME with ~/datasets; the environment the blocks run in.
+
+    When tests/test_sweep.py's local sweep runs in the same session, it starts first: it runs
+    in the background while the blocks run one step at a time, so the two share the cores."""
+    if any(
+        item.path.name == "test_sweep.py" and "local_sweep" in getattr(item, "fixturenames", ())
+        for item in request.session.items
+    ):
+        from test_sweep import start_local_sweep
+
+        start_local_sweep(request)
     from test_readers_aircraft import make_aircraft
     from test_readers_cars import make_cars
 
