@@ -122,12 +122,27 @@ def find_or_create_trial(
     if params:
         client.log_batch(run_id, params=params)
     if parent_id:
-        client.set_tag(parent_id, TAG_SWEEP_ID, trial.sweep_id)
+        _tag_parent(client, parent_id, TAG_SWEEP_ID, trial.sweep_id)
     found = find_trial(client, experiment, parent_id, trial)
     winner = found.info.run_id if found is not None else run_id
     if winner != run_id:
         client.delete_run(run_id)  # another step of this trial created it first
     return winner
+
+
+def _tag_parent(client, parent_id: str, key: str, value: str) -> None:
+    """Tag the sweep's parent, which the first steps of every trial do, at once when trials
+    run side by side: MLflow's SQL store inserts a new tag after looking for it, so two
+    writers of the same new tag collide on its unique key. The loser finds the tag set."""
+    from mlflow.exceptions import MlflowException
+
+    if client.get_run(parent_id).data.tags.get(key) == value:
+        return
+    try:
+        client.set_tag(parent_id, key, value)
+    except MlflowException:
+        if client.get_run(parent_id).data.tags.get(key) != value:
+            raise
 
 
 def fail_trial(run_id: str | None, status: str, outcome: str, error: str) -> None:
