@@ -95,7 +95,17 @@ BAD_SCALE = {
     "a typo": ({"proc_per_node": 2}, "unknown key(s) proc_per_node"),
     "negative restarts": ({"max_restarts": -1}, "distributed.max_restarts must be 0 or more"),
     "several nodes here": ({"nodes": 2}, "needs a launcher on each"),
+    "a batch 3 processes cannot share": (
+        {"procs_per_node": 3},
+        "is not divisible by the 3 processes (1 node x 3); use a multiple of 3",
+    ),
 }
+
+
+# Every case for train-stage; distill shares the check (iagn.commands.common.run_scaled),
+# so two of them show it is wired there too.
+CASES = [("train-stage", case) for case in sorted(BAD_SCALE)]
+CASES += [("distill", "several nodes here"), ("distill", "a batch 3 processes cannot share")]
 
 
 @pytest.mark.fault(
@@ -106,8 +116,7 @@ BAD_SCALE = {
     "each, which Kubeflow Trainer provides ...`",
     kept="everything: nothing trains, no output is written",
 )
-@pytest.mark.parametrize("case", sorted(BAD_SCALE))
-@pytest.mark.parametrize("command", ["train-stage", "distill"])
+@pytest.mark.parametrize(("command", "case"), CASES)
 def test_bad_scale_is_refused_before_training(case, command, tiny_synth, tmp_path):
     distributed, message = BAD_SCALE[case]
     project = scaled_project(tmp_path, tiny_synth, **distributed)

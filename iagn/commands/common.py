@@ -170,14 +170,19 @@ def add_params_argument(parser: argparse.ArgumentParser, required: bool = True) 
     )
 
 
-def run_scaled(args: argparse.Namespace, params: dict) -> int | None:
+def run_scaled(args: argparse.Namespace, params: dict, batch: tuple[int, str]) -> int | None:
     """A training command under torchrun when params.yaml's `distributed:` asks for more than
-    one process and no launcher started this one: its exit code. None: run it here."""
+    one process and no launcher started this one: its exit code. None: run it here.
+
+    `batch`: the step's global batch and its params key, checked here so that a batch the
+    processes cannot share is one message, not one per worker and torchrun's traceback."""
+    from iagn.train.config import process_batch_size
     from iagn.train.scale import run_under_torchrun, scale_from_params, under_launcher
 
     scale = scale_from_params(params)
     if scale.world_size == 1 or under_launcher():
         return None
+    process_batch_size(batch[0], scale.world_size, batch[1], scale.nodes)
     print(
         f"iagn: {scale.procs_per_node} processes under torchrun (params distributed.procs_per_"
         f"node); max {scale.max_restarts} restarts",

@@ -31,7 +31,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from iagn import runner
 
     params = _params(args)
-    scaled = run_scaled(args, params)
+    from iagn.train.config import distill_config
+
+    scaled = run_scaled(args, params, (distill_config(params).batch_size, "distill.batch_size"))
     if scaled is not None:
         return scaled
     result = runner.distill(

@@ -23,7 +23,13 @@ def cmd_train_stage(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     if args.format:
         params["data"]["format"] = args.format
-    scaled = run_scaled(args, params)
+    from iagn.train.config import stage_config
+
+    section = f"stage{args.stage}"  # a stage may override the train section's batch
+    if "batch_size" not in (params.get(section) or {}):
+        section = "train"
+    batch = (stage_config(params, args.stage).batch_size, f"{section}.batch_size")
+    scaled = run_scaled(args, params, batch)
     if scaled is not None:
         return scaled
     result = runner.train_stage(
