@@ -110,10 +110,11 @@ CASES += [("distill", "several nodes here"), ("distill", "a batch 3 processes ca
 
 @pytest.mark.fault(
     "a bad `distributed:` setting: 0 nodes, a negative or non-numeric process count, a "
-    "misspelt key, several nodes outside Kubeflow Trainer",
+    "misspelt key, several nodes outside Kubeflow Trainer, a batch the processes cannot share",
     sees="exit 2 before training: `params.yaml distributed.nodes must be a whole number of 1 "
     "or more, got 0` / `unknown key(s) proc_per_node; known: ...` / `... needs a launcher on "
-    "each, which Kubeflow Trainer provides ...`",
+    "each, which Kubeflow Trainer provides ...` / `params.yaml train.batch_size 2 is not "
+    "divisible by the 3 processes (1 node x 3); use a multiple of 3 ...`",
     kept="everything: nothing trains, no output is written",
 )
 @pytest.mark.parametrize(("command", "case"), CASES)
