@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -175,3 +176,44 @@ def torchrun_workers(launcher_pid: int) -> dict[int, int]:
         if rank is not None:
             workers[int(rank)] = child.pid
     return workers
+
+
+@dataclass
+class Background:
+    """A command left running in the background (a whole pipeline or sweep) while other
+    modules run: its stdout and stderr go to files, since nobody reads a pipe meanwhile."""
+
+    project: Path
+    process: subprocess.Popen
+    out: Path
+    err: Path
+
+    def result(self, timeout: int = 900) -> subprocess.CompletedProcess:
+        """Its outcome, once it has ended."""
+        self.process.wait(timeout=timeout)
+        return subprocess.CompletedProcess(
+            self.process.args, self.process.returncode, self.out.read_text(), self.err.read_text()
+        )
+
+
+def start_background(
+    request, argv: list, project: Path, name: str, env: dict[str, str]
+) -> Background:
+    """`argv` started in `project` with `env` added, output to `<project>/../<name>.out|.err`;
+    stopped with the processes it started when the test session ends, if it has not."""
+    from mlflow_server import stop_group
+
+    out, err = project.parent / f"{name}.out", project.parent / f"{name}.err"
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        process = subprocess.Popen(
+            argv,
+            cwd=project,
+            env={**os.environ, **GIT_IDENTITY, "PATH": path, **env},
+            stdout=stdout,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,  # stopped with its tasks if the session ends first
+        )
+    request.config.add_cleanup(lambda: stop_group(process))
+    return Background(project, process, out, err)

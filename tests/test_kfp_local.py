@@ -12,24 +12,20 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import dvc_project
-from helpers import BIN, GIT_IDENTITY, run
+from helpers import BIN, Background, run, start_background
 from mlflow_server import (
     SECRETS,
     STEP_RUNS,
     TRACKING_PASSWORD,
     TRACKING_USER,
     mlflow_server,
-    stop_group,
 )
 
 from iagn.errors import IagnError
@@ -66,18 +62,10 @@ OPEN_GATE = (
 )
 
 
-@dataclass
-class LocalRun:
-    project: Path
-    process: subprocess.Popen
-    out: Path  # the command's stdout and stderr, in files: nobody reads a pipe meanwhile
-    err: Path
+_RUN: dict[str, Background] = {}
 
 
-_RUN: dict[str, LocalRun] = {}
-
-
-def start_local_run(request: pytest.FixtureRequest) -> LocalRun:
+def start_local_run(request: pytest.FixtureRequest) -> Background:
     """`iagn-pipeline run-local` on a git + DVC project with the tiny configuration (its
     dataset pushed to a remote), its credentials in the environment only: started once per
     session, in the background. A module that runs before this one can start it:
@@ -86,27 +74,15 @@ def start_local_run(request: pytest.FixtureRequest) -> LocalRun:
     if "run" not in _RUN:
         server = request.getfixturevalue("mlflow_server")
         base = request.getfixturevalue("tmp_path_factory").mktemp("kfp-local")
-        project = dvc_project(base)
-        out, err = base / "run-local.out", base / "run-local.err"
-        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-        with out.open("w") as stdout, err.open("w") as stderr:
-            process = subprocess.Popen(
-                [
-                    BIN / "iagn-pipeline",
-                    "run-local",
-                    f"--param=model_name={MODEL}",
-                    f"--param=experiment={EXPERIMENT}",
-                    *[f"--param={item}" for item in OPEN_GATE],
-                ],
-                cwd=project,
-                env={**os.environ, **GIT_IDENTITY, "PATH": path, **server.env(EXPERIMENT)},
-                stdout=stdout,
-                stderr=stderr,
-                text=True,
-                start_new_session=True,  # stopped with its tasks if the session ends first
-            )
-        request.config.add_cleanup(lambda: stop_group(process))
-        _RUN["run"] = LocalRun(project, process, out, err)
+        argv = [
+            BIN / "iagn-pipeline",
+            "run-local",
+            f"--param=model_name={MODEL}",
+            f"--param=experiment={EXPERIMENT}",
+            *[f"--param={item}" for item in OPEN_GATE],
+        ]
+        env = server.env(EXPERIMENT)
+        _RUN["run"] = start_background(request, argv, dvc_project(base), "run-local", env)
     return _RUN["run"]
 
 
@@ -121,14 +97,7 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_run(request, mlflow_server):
     """`iagn-pipeline run-local`'s result, once it has ended."""
-    started = start_local_run(request)
-    started.process.wait(timeout=900)
-    result = subprocess.CompletedProcess(
-        started.process.args,
-        started.process.returncode,
-        started.out.read_text(),
-        started.err.read_text(),
-    )
+    result = start_local_run(request).result()
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     return result
 

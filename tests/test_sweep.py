@@ -15,15 +15,13 @@ import io
 import json
 import os
 import re
-import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO_ROOT, dvc_project, smoke_params
-from helpers import BIN, GIT_IDENTITY, run
-from mlflow_server import SECRETS, mlflow_server, stop_group
+from helpers import BIN, Background, run, start_background
+from mlflow_server import SECRETS, mlflow_server
 from test_kfp_submit import API, TOKEN, kfp_api, run_body
 
 from iagn.errors import IagnError
@@ -348,18 +346,10 @@ def test_sweep_submits_the_trials_to_kfp(kfp_api, capsys, monkeypatch):
 # --- one sweep end to end -------------------------------------------------------------------
 
 
-@dataclass
-class LocalSweep:
-    project: Path
-    process: subprocess.Popen
-    out: Path  # the command's stdout and stderr, in files: nobody reads a pipe meanwhile
-    err: Path
+_SWEEP: dict[str, Background] = {}
 
 
-_SWEEP: dict[str, LocalSweep] = {}
-
-
-def start_local_sweep(request: pytest.FixtureRequest) -> LocalSweep:
+def start_local_sweep(request: pytest.FixtureRequest) -> Background:
     """`iagn-pipeline sweep --local` of 2 trials, side by side, against the MLflow server,
     started once per session in the background. A module that runs before this one can start
     it: tests/test_readme_commands.py does, when this module's sweep tests are in the
@@ -367,26 +357,14 @@ def start_local_sweep(request: pytest.FixtureRequest) -> LocalSweep:
     if "sweep" not in _SWEEP:
         server = request.getfixturevalue("mlflow_server")
         base = request.getfixturevalue("tmp_path_factory").mktemp("sweep-local")
-        project = dvc_project(base)
-        out, err = base / "sweep.out", base / "sweep.err"
-        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-        with out.open("w") as stdout, err.open("w") as stderr:
-            process = subprocess.Popen(
-                [
-                    BIN / "iagn-pipeline",
-                    "sweep",
-                    *("--grid", "train.lr_head=0.01,0.05", "--sweep-id", SWEEP_ID, "--local"),
-                    *("--param", f"model_name={MODEL}", "--param", f"experiment={EXPERIMENT}"),
-                ],
-                cwd=project,
-                env={**os.environ, **GIT_IDENTITY, "PATH": path, **server.env(EXPERIMENT)},
-                stdout=stdout,
-                stderr=stderr,
-                text=True,
-                start_new_session=True,  # stopped with its tasks if the session ends first
-            )
-        request.config.add_cleanup(lambda: stop_group(process))
-        _SWEEP["sweep"] = LocalSweep(project, process, out, err)
+        argv = [
+            BIN / "iagn-pipeline",
+            "sweep",
+            *("--grid", "train.lr_head=0.01,0.05", "--sweep-id", SWEEP_ID, "--local"),
+            *("--param", f"model_name={MODEL}", "--param", f"experiment={EXPERIMENT}"),
+        ]
+        env = server.env(EXPERIMENT)
+        _SWEEP["sweep"] = start_background(request, argv, dvc_project(base), "sweep", env)
     return _SWEEP["sweep"]
 
 
@@ -401,11 +379,7 @@ def project(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_sweep(request, mlflow_server):
     """The sweep's result, once it has ended."""
-    sweep = start_local_sweep(request)
-    sweep.process.wait(timeout=900)
-    result = subprocess.CompletedProcess(
-        sweep.process.args, sweep.process.returncode, sweep.out.read_text(), sweep.err.read_text()
-    )
+    result = start_local_sweep(request).result()
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     return result
 
