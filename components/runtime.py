@@ -139,7 +139,6 @@ def run_training(
         params_file.write_text(yaml.safe_dump(settings, sort_keys=False))
         paths = {name: path for name, path in files.items() if path is not None}
         paths["params"] = str(params_file)
-        argv = _fill(command, paths)
         if scale.on_trainer:
             from iagn.trainjob import run_on_trainer
             from iagn.trainjob.staging import check_writable
@@ -150,14 +149,14 @@ def run_training(
                     "one node: compile it with `iagn-pipeline compile --nodes N` so that its "
                     "training tasks know the image and secret a TrainJob runs with"
                 )
-            storage = scale.storage_uri or (settings.get("train") or {}).get("checkpoint_uri")
+            checkpoints = (settings.get("train") or {}).get("checkpoint_uri")
+            storage = scale.storage_uri or checkpoints
             if not storage:
                 raise IagnError(
                     "a TrainJob's inputs and outputs travel through durable storage: set "
                     "distributed.storage_uri (or train.checkpoint_uri) to an s3:// URI or a "
                     "volume every node mounts"
                 )
-            checkpoints = (settings.get("train") or {}).get("checkpoint_uri")
             if checkpoints:  # the nodes write there: unreachable is an error before any GPU
                 check_writable(checkpoints, "train.checkpoint_uri", "fix train.checkpoint_uri")
             inputs = {name: Path(p) for name, p in paths.items() if name != "out"}
@@ -174,7 +173,7 @@ def run_training(
                 tolerations=(placement or {}).get("tolerations") or None,
             )
         else:
-            code = run_under_torchrun(scale, argv)
+            code = run_under_torchrun(scale, _fill(command, paths))
             if code != 0:
                 raise SystemExit(code)  # 143 after SIGTERM: KFP's retry resumes
     return read_json(metrics_path(out))

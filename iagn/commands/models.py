@@ -29,10 +29,9 @@ def _params(args: argparse.Namespace) -> dict:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from iagn import runner
-
-    params = _params(args)
     from iagn.train.config import distill_config
 
+    params = _params(args)
     scaled = run_scaled(args, params, (distill_config(params).batch_size, "distill.batch_size"))
     if scaled is not None:
         return scaled

@@ -19,12 +19,11 @@ from iagn.commands.common import (
 def cmd_train_stage(args: argparse.Namespace) -> int:
     from iagn import runner
     from iagn.params import load_params
+    from iagn.train.config import stage_config
 
     params = load_params(args.params)
     if args.format:
         params["data"]["format"] = args.format
-    from iagn.train.config import stage_config
-
     section = f"stage{args.stage}"  # a stage may override the train section's batch
     if "batch_size" not in (params.get(section) or {}):
         section = "train"

@@ -42,11 +42,6 @@ class Scale:
         """Several nodes: a Kubeflow Trainer TrainJob runs the step."""
         return self.nodes > 1
 
-    @property
-    def on_torchrun(self) -> bool:
-        """One node, several processes: torchrun in this pod (or on this machine)."""
-        return self.nodes == 1 and self.procs_per_node > 1
-
 
 def _count(section: Mapping[str, Any], key: str, default: int, gpus: int | None) -> int:
     value = section.get(key, default)
@@ -110,32 +105,55 @@ def under_launcher() -> bool:
     return LAUNCHED_BY_TORCHRUN in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def torchrun_command(scale: Scale, argv: Sequence[str]) -> list[str]:
-    """`iagn <argv>` under torchrun on this node: `procs_per_node` workers, a c10d
-    rendezvous on a free local port, `max_restarts` restarts of the whole group (each
-    restart resumes from the last epoch's partial checkpoint)."""
+def torchrun_command(
+    argv: Sequence[str], placement: Sequence[str], max_restarts: int = 0
+) -> list[str]:
+    """`iagn <argv>` under torchrun. `placement` says where the workers are: this node alone
+    (`--standalone --nproc-per-node=N`, a c10d rendezvous on a free local port) or a
+    TrainJob's node (`--nnodes`, `--node-rank`, `--master-addr`, ... from Trainer). After a
+    worker fails, torchrun restarts the whole group up to `max_restarts` times; each restart
+    resumes from the last epoch's partial checkpoint."""
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={scale.procs_per_node}",
-        f"--max-restarts={scale.max_restarts}",
+        *placement,
+        f"--max-restarts={int(max_restarts)}",
         "-m",
         "iagn.cli",
         *argv,
     ]
 
 
+def run_forwarding_signals(command: Sequence[str]) -> tuple[int, list[int]]:
+    """Run `command`, passing SIGTERM and SIGINT sent to this process on to it (Kubernetes and
+    a user's Ctrl-C signal only this process): its exit code and the signals passed on."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(list(command))
+    received: list[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait(), received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_under_torchrun(scale: Scale, argv: Sequence[str]) -> int:
     """Run `iagn <argv>` under torchrun on this node and return its exit code.
 
-    Kubernetes (and a user's Ctrl-C) signal only this process: SIGTERM and SIGINT are passed
-    on to torchrun, which passes them to every worker, and the workers save a checkpoint at
-    the same batch (`iagn.train.loop`). torchrun itself then exits 1, so a forwarded SIGTERM
-    ends this process with EXIT_PREEMPTED, the code the single-process step uses."""
+    SIGTERM and SIGINT reach torchrun, which passes them to every worker, and the workers
+    save a checkpoint at the same batch (`iagn.train.loop`). torchrun itself then exits 1,
+    so a forwarded SIGTERM ends this process with EXIT_PREEMPTED, the code the
+    single-process step uses."""
     import signal
-    import subprocess
 
     from iagn.errors import EXIT_PREEMPTED
 
@@ -146,19 +164,8 @@ def run_under_torchrun(scale: Scale, argv: Sequence[str]) -> int:
             '"Training on several GPUs and nodes"), or start `torchrun --nnodes` on every '
             "node yourself; for this machine alone set distributed.nodes: 1"
         )
-    process = subprocess.Popen(torchrun_command(scale, argv))
-    received: list[int] = []
-
-    def forward(signum, _frame):
-        received.append(signum)
-        process.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    placement = ["--standalone", f"--nproc-per-node={scale.procs_per_node}"]
+    code, received = run_forwarding_signals(torchrun_command(argv, placement, scale.max_restarts))
     if signal.SIGTERM in received and code != 0:
         return EXIT_PREEMPTED
     return code

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 from iagn.errors import IagnError
+from iagn.train.scale import run_forwarding_signals, torchrun_command
 from iagn.trainjob import manifest as m
 from iagn.trainjob.staging import Store
 
@@ -62,20 +61,14 @@ def launcher_env(env=None) -> dict[str, str]:
     return {name: env[name] for name in PET_ENV}
 
 
-def torchrun_command(pet: dict[str, str], max_restarts: int, argv: list[str]) -> list[str]:
+def placement(pet: dict[str, str]) -> list[str]:
+    """torchrun's arguments for this node's place in the TrainJob, from Trainer's PET_*."""
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
         f"--nnodes={pet['PET_NNODES']}",
         f"--nproc-per-node={pet['PET_NPROC_PER_NODE']}",
         f"--node-rank={pet['PET_NODE_RANK']}",
         f"--master-addr={pet['PET_MASTER_ADDR']}",
         f"--master-port={pet['PET_MASTER_PORT']}",
-        f"--max-restarts={int(max_restarts)}",
-        "-m",
-        "iagn.cli",
-        *argv,
     ]
 
 
@@ -96,9 +89,10 @@ def run_node(workdir: Path) -> int:
         folder.mkdir(parents=True)
         folders[name] = folder
         paths[name] = folder / filename
-    command = torchrun_command(pet, spec.get("max_restarts", 0), m.substitute(spec["argv"], paths))
+    argv = m.substitute(spec["argv"], paths)
+    command = torchrun_command(argv, placement(pet), spec.get("max_restarts", 0))
     print(f"node {rank}: {' '.join(command[1:])}", flush=True)
-    code = _run_forwarding_signals(command)
+    code, _ = run_forwarding_signals(command)
     if code != 0:
         print(f"node {rank}: torchrun exited with {code}", file=sys.stderr, flush=True)
         return code
@@ -106,17 +100,3 @@ def run_node(workdir: Path) -> int:
         store.push_outputs(folders)
         print(f"node 0: outputs uploaded to {store.shown}/outputs", flush=True)
     return 0
-
-
-def _run_forwarding_signals(command: list[str]) -> int:
-    process = subprocess.Popen(command)
-
-    def forward(signum, _frame):
-        process.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
